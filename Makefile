@@ -1,0 +1,22 @@
+# The one place that knows how to install, test and benchmark loraserve.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test bench-engine
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch is pinned first and alone: 2.13.0 is the CPU build on the development machines' disk; letting a
+# resolver pick torch would pull several GB of CUDA wheels on a CPU-only install.
+install: $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+
+test:
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench-engine:
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.engine_bench

@@ -1,0 +1,1 @@
+"""Running the model: scheduler, paged KV cache, runner, sampler, and the engine loop."""

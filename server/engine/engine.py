@@ -1,0 +1,245 @@
+"""The synchronous engine: requests in, one batched step at a time, token outputs out.
+
+Not thread-safe on purpose: exactly one thread drives it (AsyncEngine's loop, or a test/benchmark).
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from server.config import Settings
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.kv_cache import PagedKVCache
+from server.engine.model_loader import (
+    kv_shape,
+    load_base_model,
+    load_tokenizer,
+    max_context,
+    resolve_device,
+    resolve_dtype,
+)
+from server.engine.runner import ModelRunner
+from server.engine.sampler import TokenLogprobs, sample, token_logprobs
+from server.engine.scheduler import Scheduler, SchedulerLimits
+from server.engine.sequence import FinishReason, SamplingParams, Sequence
+from server.errors import CapacityError, RequestTooLargeError, UnknownAdapterError
+from server.lora.adapter import LoraAdapter, load_lora_adapter
+from server.lora.layer import LoraBatch, wrap_target_modules
+from server.lora.merge import merge_adapter
+from server.lora.slots import LoraSlotPool
+from server.lora.targets import find_target_modules
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request (a streaming chunk); the last one has `finished` set."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole finished request, as `generate` returns it."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+
+
+@dataclass
+class _Tracked:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+
+
+class LLMEngine:
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: Settings):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.device = model.device
+        self.dtype = model.dtype
+        self.max_context = max_context(model)
+        self.targets = find_target_modules(model)
+        self.slots = LoraSlotPool(self.targets, settings.max_loras, settings.max_lora_rank, self.dtype, self.device)
+        lora_batch = LoraBatch()
+        wrap_target_modules(model, self.targets, self.slots, lora_batch)
+        self.kv_cache = PagedKVCache.from_budget(
+            kv_shape(model), int(settings.kv_cache_memory), settings.kv_block_size, self.dtype, self.device
+        )
+        limits = SchedulerLimits(settings.max_num_seqs, settings.max_batch_tokens, settings.max_queue)
+        self.scheduler = Scheduler(limits, self.kv_cache.allocator, self.slots)
+        self.runner = ModelRunner(model, self.kv_cache, self.slots, lora_batch, self.device)
+        self.adapters: dict[str, LoraAdapter] = {}
+        self._requests: dict[str, _Tracked] = {}
+        self._eos_ids = _eos_token_ids(model, tokenizer)
+        self.tokens_generated = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "LLMEngine":
+        device = resolve_device(settings.device)
+        model = load_base_model(settings.model, resolve_dtype(settings.dtype, device), device)
+        return cls(model, load_tokenizer(settings.model), settings)
+
+    # ---- adapters -------------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, directory: Path) -> LoraAdapter:
+        """Read, validate and register a PEFT adapter directory under `name`."""
+        adapter = load_lora_adapter(
+            directory, self.targets, name=name, max_rank=self.settings.max_lora_rank, dtype=self.dtype
+        )
+        self.add_adapter(adapter)
+        return adapter
+
+    def add_adapter(self, adapter: LoraAdapter) -> None:
+        self.adapters[adapter.name] = adapter
+
+    def remove_adapter(self, name: str) -> bool:
+        """Forget an adapter; False (and nothing changes) while running requests still use it."""
+        if any(t.seq.adapter_name == name for t in self._requests.values()):
+            return False
+        self.slots.evict(name)
+        self.runner.merged.pop(name, None)
+        self.adapters.pop(name, None)
+        return True
+
+    def merge(self, name: str) -> None:
+        """Build a merged copy; batches made only of this adapter's tokens then run on it."""
+        self.runner.merged[name] = merge_adapter(self._adapter(name), self.targets)
+
+    def unmerge(self, name: str) -> None:
+        self.runner.merged.pop(name, None)
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    adapter: str | None = None) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        lora = self._adapter(adapter) if adapter is not None else None
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_fits(prompt_ids, params)
+        if len(self.scheduler.waiting) >= self.settings.max_queue:
+            raise CapacityError(f"the queue is full ({self.settings.max_queue} requests waiting)")
+        seq = Sequence(request_id=request_id, prompt_ids=prompt_ids, params=params, adapter=lora)
+        self._requests[request_id] = _Tracked(seq, IncrementalDetokenizer(self.tokenizer, params.stop))
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        tracked = self._requests.pop(request_id, None)
+        if tracked is None:
+            return None
+        self.scheduler.finish(tracked.seq, FinishReason.ABORT)
+        return self._output(tracked, [], "", [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one forward pass over everything scheduled; return what each request gained."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        seqs, logits = self.runner.run(batch)
+        next_tokens = sample(logits, seqs)
+        outputs = []
+        for i, (seq, token) in enumerate(zip(seqs, next_tokens)):
+            seq.output_ids.append(token)
+            logprobs = [token_logprobs(logits[i], token, seq.params.logprobs)] if seq.params.logprobs is not None else []
+            outputs.append(self._postprocess(self._requests[seq.request_id], token, logprobs))
+        self.tokens_generated += len(seqs)
+        return outputs
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
+                 adapters: list[str | None] | None = None) -> list[Completion]:
+        """Run requests to completion together (tests, benchmarks, offline use)."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        adapters = adapters or [None] * len(prompts)
+        ids = [f"generate-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for request_id, prompt, p, adapter in zip(ids, prompts, params_list, adapters):
+            self.add_request(request_id, prompt, p, adapter)
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        texts: dict[str, str] = {i: "" for i in ids}
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            for out in self.step():
+                tokens[out.request_id] += out.token_ids
+                texts[out.request_id] += out.text
+                if out.finished:
+                    done[out.request_id] = out
+        return [Completion(tokens[i], texts[i], done[i].finish_reason, done[i].prompt_tokens) for i in ids]
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _adapter(self, name: str) -> LoraAdapter:
+        try:
+            return self.adapters[name]
+        except KeyError:
+            raise UnknownAdapterError(f"unknown adapter {name!r}") from None
+
+    def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_context:
+            raise RequestTooLargeError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                f"length {self.max_context}"
+            )
+        if total > self.kv_cache.capacity_tokens:
+            raise RequestTooLargeError(
+                f"prompt + max_tokens ({total} tokens) exceeds the KV cache ({self.kv_cache.capacity_tokens} tokens)"
+            )
+
+    def _postprocess(self, tracked: _Tracked, token: int, logprobs: list[TokenLogprobs]) -> RequestOutput:
+        seq = tracked.seq
+        params = seq.params
+        reason = None
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self._eos_ids):
+            reason = FinishReason.STOP
+        elif len(seq.output_ids) >= params.max_tokens or seq.length >= self.max_context:
+            reason = FinishReason.LENGTH
+        text_ids = seq.output_ids[:-1] if reason is FinishReason.STOP else seq.output_ids
+        text = tracked.detokenizer.update(text_ids, final=reason is not None)
+        if tracked.detokenizer.stopped:
+            reason = FinishReason.STOP
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self._requests[seq.request_id]
+        return self._output(tracked, [token], text, logprobs)
+
+    def _output(self, tracked: _Tracked, token_ids: list[int], text: str,
+                logprobs: list[TokenLogprobs]) -> RequestOutput:
+        seq = tracked.seq
+        return RequestOutput(
+            request_id=seq.request_id,
+            token_ids=token_ids,
+            text=text,
+            finished=seq.finish_reason is not None,
+            finish_reason=seq.finish_reason,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids),
+            logprobs=logprobs,
+        )
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)

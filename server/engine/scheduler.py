@@ -1,0 +1,125 @@
+"""Deciding what runs each step: continuous batching over a paged KV cache and a pool of adapter slots.
+
+Every step, running sequences get room for their next token (preempting the newest by recompute if
+the cache is full), then waiting sequences are admitted first come, first served, while the batch,
+the token budget, the KV cache and the adapter slots allow. A waiting request whose adapter cannot
+get a slot now lets later requests for resident adapters go ahead of it.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from server.engine.kv_cache import BlockAllocator
+from server.engine.sequence import FinishReason, Sequence, SequenceStatus
+from server.lora.slots import LoraSlotPool
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_num_seqs: int
+    max_batch_tokens: int
+    max_queue: int
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    prefills: list[Sequence]
+    decodes: list[Sequence]
+
+    @property
+    def sequences(self) -> list[Sequence]:
+        return self.prefills + self.decodes
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefills and not self.decodes
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits, blocks: BlockAllocator, slots: LoraSlotPool):
+        self.limits = limits
+        self.blocks = blocks
+        self.slots = slots
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        decodes = self._schedule_running()
+        prefills = self._admit_waiting(token_budget=self.limits.max_batch_tokens - len(decodes))
+        return ScheduledBatch(prefills=prefills, decodes=decodes)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Take a sequence out (finished or aborted) and give back its blocks and adapter slot."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self._release(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _schedule_running(self) -> list[Sequence]:
+        scheduled = []
+        queue = sorted(self.running, key=lambda s: s.arrival)
+        while queue:
+            seq = queue.pop(0)
+            while not self._grow(seq):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append(seq)
+        return scheduled
+
+    def _grow(self, seq: Sequence) -> bool:
+        """Make room in the cache for all of seq's tokens (the newest one is written this step)."""
+        missing = self.blocks.blocks_for(seq.length) - len(seq.block_table)
+        if missing <= 0:
+            return True
+        if not self.blocks.can_allocate(missing):
+            return False
+        seq.block_table += self.blocks.allocate(missing)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def _admit_waiting(self, token_budget: int) -> list[Sequence]:
+        admitted, passed_over = [], []
+        while self.waiting and len(self.running) < self.limits.max_num_seqs:
+            seq = self.waiting[0]
+            tokens = seq.length
+            if tokens > token_budget and (admitted or self.running):
+                break
+            needed = self.blocks.blocks_for(tokens)
+            if not self.blocks.can_allocate(needed):
+                break
+            self.waiting.popleft()
+            if seq.adapter is not None and self.slots.acquire(seq.adapter) is None:
+                passed_over.append(seq)  # every slot busy with running adapters: let others go ahead
+                continue
+            seq.block_table = self.blocks.allocate(needed)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            admitted.append(seq)
+            token_budget -= tokens
+        self.waiting.extendleft(reversed(passed_over))
+        return admitted
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        seq.block_table = []
+        if seq.adapter is not None:
+            self.slots.release(seq.adapter.name)

@@ -1,0 +1,1 @@
+"""The LoRA math: adapter loading and validation, device slots, the batched path, merging."""

@@ -1,0 +1,70 @@
+"""The LoRA-aware replacement for a base linear layer, and the per-step context all of them share."""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from server.lora.ops import LoraPlan, add_lora
+from server.lora.slots import LoraSlotPool
+from server.lora.targets import TargetModule
+
+
+@dataclass
+class LoraBatch:
+    """What the runner decided for this forward pass; one object, handed to every LoRA layer at wrap time.
+
+    plan:      which tokens use which slot (None: no adapter anywhere in the batch).
+    dora_rows: per-token row into each module's DoRA factors (None: no DoRA adapter in the batch).
+    merged:    module name -> merged weight (native layout) the whole batch runs on instead of the base.
+    """
+
+    plan: LoraPlan | None = None
+    dora_rows: torch.Tensor | None = None
+    merged: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.plan, self.dora_rows, self.merged = None, None, {}
+
+
+class LoraLinear(nn.Module):
+    """`y = g ⊙ (x·Wᵀ) + bias + (x·A_sᵀ)·B_sᵀ` with each token's own slot s (g = 1 unless DoRA)."""
+
+    def __init__(self, target: TargetModule, pool: LoraSlotPool, batch: LoraBatch):
+        super().__init__()
+        self.base_layer = target.module
+        self.module_name = target.name
+        self.fan_in_fan_out = target.fan_in_fan_out
+        self.out_features = target.out_features
+        self._pool = pool
+        self._batch = batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = self._batch
+        slots = self._pool.modules.get(self.module_name)
+        weight = batch.merged.get(self.module_name, self.base_layer.weight)
+        bias = self.base_layer.bias
+        flat = x.reshape(-1, x.shape[-1])
+        dora = batch.dora_rows is not None and slots is not None
+        out = self._matmul(flat, weight, None if dora else bias)
+        if dora:
+            out = out * slots.dora_scale.index_select(0, batch.dora_rows)
+            if bias is not None:
+                out = out + bias
+        if slots is not None and batch.plan is not None and batch.plan.has_lora:
+            add_lora(out, flat, slots.lora_a, slots.lora_b, slots.slot_ranks, slots.max_resident_rank, batch.plan)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.fan_in_fan_out:  # GPT-2's Conv1D keeps its weight as (in, out)
+            return torch.addmm(bias, x, weight) if bias is not None else x @ weight
+        return nn.functional.linear(x, weight, bias)
+
+
+def wrap_target_modules(model: nn.Module, targets: dict[str, TargetModule], pool: LoraSlotPool,
+                        batch: LoraBatch) -> None:
+    """Replace every target module of `model` by a LoraLinear around it (in place)."""
+    for name, target in targets.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoraLinear(target, pool, batch))

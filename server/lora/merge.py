@@ -1,0 +1,33 @@
+"""Merged copies: an adapter folded into a copy of the weights it adapts, built from the untouched base.
+
+W' = g ⊙ W + B'·A with B' = g ⊙ scale·B (see adapter.py), i.e. W + scale·B·A for plain LoRA and
+m ⊙ (W + scale·B·A) / ‖W + scale·B·A‖ for DoRA. Only adapted matrices are copied; the rest is shared.
+"""
+
+import torch
+
+from server.lora.adapter import LoraAdapter
+from server.lora.targets import TargetModule
+
+
+def merge_adapter(adapter: LoraAdapter, targets: dict[str, TargetModule]) -> dict[str, torch.Tensor]:
+    """Module name -> merged weight in the module's native layout (computed in float32, checked finite)."""
+    merged = {}
+    for name, weights in adapter.modules.items():
+        target = targets[name]
+        base = target.weight_out_in().detach()
+        a = weights.lora_a.to(base.device, torch.float32)
+        b = weights.lora_b.to(base.device, torch.float32)
+        weight = base.float()
+        if weights.dora_scale is not None:
+            weight = weight * weights.dora_scale.to(base.device, torch.float32)[:, None]
+        weight = torch.addmm(weight, b, a)
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"merging {adapter.name} into {name} produced non-finite weights")
+        weight = weight.to(base.dtype)
+        merged[name] = (weight.T if target.fan_in_fan_out else weight).contiguous()
+    return merged
+
+
+def merged_nbytes(merged: dict[str, torch.Tensor]) -> int:
+    return sum(w.numel() * w.element_size() for w in merged.values())

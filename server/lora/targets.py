@@ -1,0 +1,41 @@
+"""Which modules of a base model a LoRA adapter may adapt, and their shapes."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+@dataclass(frozen=True)
+class TargetModule:
+    """One adaptable linear map of the base: `y = x·Wᵀ + b` (Linear) or `y = x·W + b` (GPT-2's Conv1D)."""
+
+    name: str
+    module: nn.Module
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool  # True for Conv1D, whose weight is stored (in, out)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    def weight_out_in(self) -> torch.Tensor:
+        """The weight as (out, in), the layout LoRA's B·A has."""
+        return self.weight.T if self.fan_in_fan_out else self.weight
+
+
+def find_target_modules(model: nn.Module) -> dict[str, TargetModule]:
+    """Every Linear and Conv1D of the model by dotted name, except the output head."""
+    found = {}
+    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if module is output_head:
+            continue
+        if isinstance(module, nn.Linear):
+            found[name] = TargetModule(name, module, module.in_features, module.out_features, False)
+        elif isinstance(module, Conv1D):
+            d_in, d_out = module.weight.shape
+            found[name] = TargetModule(name, module, d_in, d_out, True)
+    return found

@@ -1,0 +1,98 @@
+"""Small random models, tokenizers and PEFT adapters built on the spot: nothing is downloaded."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import GPT2Config, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
+
+from server.config import Settings
+from server.engine.engine import LLMEngine
+from server.engine.model_loader import load_tokenizer
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer: 3 special tokens, then one token per byte (no merges)."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + sorted(alphabet))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+VOCAB = 3 + 256
+
+
+def llama_config(**overrides) -> LlamaConfig:
+    values = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def gpt2_config(**overrides) -> GPT2Config:
+    values = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    values.update(overrides)
+    return GPT2Config(**values)
+
+
+def build_model(config, seed: int = 0) -> PreTrainedModel:
+    """A random model from a config; weights scaled up so greedy choices are not near-ties."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.08)
+    return model.eval()
+
+
+def save_model(model: PreTrainedModel, directory: Path) -> Path:
+    model.save_pretrained(directory, safe_serialization=True)
+    byte_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def make_adapter(model_dir: Path, directory: Path, seed: int, **lora_kwargs) -> Path:
+    """A PEFT adapter on a fresh copy of the base, with non-zero B (PEFT's init makes B = 0)."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lora_kwargs.setdefault("target_modules", ["q_proj", "v_proj"])
+    config = LoraConfig(**lora_kwargs)
+    peft_model = get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                scale = 0.3 if "magnitude" not in name else 0.0
+                noise = torch.randn(param.shape, generator=generator) * scale
+                param.add_(noise) if "magnitude" in name else param.copy_(noise)
+    peft_model.save_pretrained(directory, save_embedding_layers=False)
+    return directory
+
+
+def make_engine(model_dir: Path, **settings) -> LLMEngine:
+    from server.engine.model_loader import load_base_model
+
+    values = dict(model=model_dir, dtype="float32", device="cpu", kv_cache_memory=32 * 1024**2, max_loras=16,
+                  max_lora_rank=64, max_num_seqs=64)
+    values.update(settings)
+    config = Settings(**values)
+    model = load_base_model(model_dir, torch.float32, torch.device("cpu"))
+    return LLMEngine(model, load_tokenizer(model_dir), config)
