@@ -145,6 +145,9 @@ class LLMEngine:
         self.scheduler.finish(tracked.seq, FinishReason.ABORT)
         return self._output(tracked, [], "", [])
 
+    def abort_all(self) -> list[RequestOutput]:
+        return [self.abort(request_id) for request_id in list(self._requests)]
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

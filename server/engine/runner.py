@@ -31,6 +31,7 @@ class ModelRunner:
         self.block_size = kv_cache.allocator.block_size
         # Merged copies the runner may use: adapter name -> module name -> merged weight.
         self.merged: dict[str, dict[str, torch.Tensor]] = {}
+        self.merged_steps = 0  # forward passes served entirely from a merged copy
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
@@ -98,6 +99,7 @@ class ModelRunner:
         adapters = {seq.adapter_name for seq in seqs}
         if len(adapters) == 1 and (name := adapters.pop()) in self.merged:
             self.lora_batch.merged = self.merged[name]  # one merged adapter: plain base-speed forward
+            self.merged_steps += 1
             return
         token_slots = [slot for seq, n in zip(seqs, tokens_per_seq) for slot in [self._slot_of(seq)] * n]
         plan = plan_runs(token_slots, LONG_RUN_MIN_TOKENS, self.device)

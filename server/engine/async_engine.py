@@ -1,0 +1,109 @@
+"""The engine on its own thread, fed from asyncio: requests join the running batch between steps.
+
+One thread owns the LLMEngine and runs step() while there is work. Everything else talks to it
+through a command inbox (add, abort, any callable), so engine state is only touched by that thread
+and a forward pass never runs on the event loop. Outputs come back to each request's asyncio queue.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from typing import Any
+
+from server.engine.engine import LLMEngine, RequestOutput
+from server.engine.sequence import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.5
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="loraserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Abort whatever is still running and stop the thread."""
+        if self._thread is None:
+            return
+        self.call(lambda: self._deliver(self.engine.abort_all())).result()
+        self._stopping.set()
+        self.call(lambda: None)  # wake the loop
+        self._thread.join()
+        self._thread = None
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the engine thread between steps; its result (or exception) lands in the future."""
+        future: Future = Future()
+        self._inbox.put((fn, future))
+        return future
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.wrap_future(self.call(fn))
+
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs. Raises the engine's refusal (unknown adapter, queue full, ...)
+        before the first output; leaving the iterator early aborts the request."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[request_id] = (loop, outputs)
+        finished = False
+        try:
+            await self.run(lambda: self.engine.add_request(request_id, prompt, params, adapter))
+            while not finished:
+                output = await outputs.get()
+                finished = output.finished
+                yield output
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.call(lambda: self.engine.abort(request_id))
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._drain_inbox(block=not self.engine.has_unfinished())
+            if self.engine.has_unfinished():
+                try:
+                    outputs = self.engine.step()
+                except Exception:  # a failed step must not kill the thread: end its requests instead
+                    log.exception("engine step failed; aborting running requests")
+                    outputs = self.engine.abort_all()
+                self._deliver(outputs)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._execute(*item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    @staticmethod
+    def _execute(fn: Callable[[], Any], future: Future) -> None:
+        try:
+            future.set_result(fn())
+        except Exception as exc:
+            future.set_exception(exc)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                loop, outputs_queue = stream
+                loop.call_soon_threadsafe(outputs_queue.put_nowait, output)
