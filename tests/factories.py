@@ -79,10 +79,13 @@ def make_adapter(model_dir: Path, directory: Path, seed: int, **lora_kwargs) -> 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                scale = 0.3 if "magnitude" not in name else 0.0
-                noise = torch.randn(param.shape, generator=generator) * scale
-                param.add_(noise) if "magnitude" in name else param.copy_(noise)
+            if "lora_" not in name:
+                continue
+            noise = torch.randn(param.shape, generator=generator)
+            if "lora_magnitude" in name:  # PEFT starts m at ‖W‖: move it so DoRA's rescaling shows
+                param.mul_(1 + 0.2 * noise)
+            else:
+                param.copy_(0.3 * noise)
     peft_model.save_pretrained(directory, save_embedding_layers=False)
     return directory
 

@@ -3,7 +3,7 @@
 import pytest
 
 from server.engine.sequence import SamplingParams
-from tests.conftest import reference_greedy
+from tests.conftest import reference_greedy, reference_logprobs
 from tests.factories import make_engine
 
 MAX_NEW = 12
@@ -110,3 +110,24 @@ def test_merged_copy_matches_peft_merge_and_unload(request, engine_name, adapter
     finally:
         engine.unmerge(name)
     assert merged == unmerged == reference_greedy(base_dir, PROMPTS[0], MAX_NEW, adapter_dir, merge=True)
+
+
+@pytest.mark.parametrize("engine_name,adapters,name", [
+    *[("llama_engine", LLAMA_ADAPTERS, n) for n in [None, *LLAMA_ADAPTERS]],
+    *[("gpt2_engine", GPT2_ADAPTERS, n) for n in [None, *GPT2_ADAPTERS]],
+])
+def test_next_token_logprobs_match_reference(request, engine_name, adapters, name):
+    """Token equality can hide small errors (a 1% DoRA scale slip keeps the argmax): compare numbers too."""
+    engine = request.getfixturevalue(engine_name)
+    base_dir = request.getfixturevalue(engine_name.replace("engine", "dir"))
+    adapter_dir = request.getfixturevalue(engine_name.replace("engine", "adapters"))(name, **adapters[name]) if name else None
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=5)
+    request_id = f"logprobs-{name}"
+    engine.add_request(request_id, PROMPTS[2], params, name)
+    (output,) = [o for o in engine.step() if o.request_id == request_id]
+    got = output.logprobs[0]
+    expected = reference_logprobs(base_dir, PROMPTS[2], adapter_dir)
+    top_values, top_ids = expected.topk(5)
+    assert [i for i, _ in got.top] == top_ids.tolist()
+    assert [v for _, v in got.top] == pytest.approx(top_values.tolist(), abs=1e-4)
+    assert got.logprob == pytest.approx(float(expected[got.token_id]), abs=1e-4)
