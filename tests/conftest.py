@@ -13,7 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from tests.factories import build_model, gpt2_config, llama_config, make_adapter, save_model
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models gain nothing from threads, and OpenMP threads spinning against another busy process
+# (a server under test, a benchmark) slow a test down a hundredfold.
+torch.set_num_threads(1)
 
 
 class AdapterFactory:

@@ -1,0 +1,90 @@
+"""The fast batched LoRA op against its plain per-token reference, over many traffic shapes."""
+
+import random
+
+import pytest
+import torch
+
+from server.lora.ops import add_lora, add_lora_reference, plan_runs
+
+NUM_SLOTS, D_IN, D_OUT, MAX_RANK = 8, 24, 40, 16
+RANKS = [4, 16, 8, 2, 16, 8, 4, 12]
+
+
+def _traffic(shape: str, tokens: int, rng: random.Random) -> list[int]:
+    """Per-token adapter slot (-1 = base), shaped like the Punica kernel tests' traffic."""
+    if shape == "identical":
+        return [3] * tokens
+    if shape == "distinct":
+        return [i % NUM_SLOTS for i in range(tokens)]
+    if shape == "uniform":
+        return [rng.randrange(-1, NUM_SLOTS) for _ in range(tokens)]
+    if shape == "zipf":
+        weights = [1 / (k + 1) for k in range(NUM_SLOTS + 1)]
+        return [s - 1 for s in rng.choices(range(NUM_SLOTS + 1), weights, k=tokens)]
+    if shape == "skewed":
+        return [5 if rng.random() < 0.9 else rng.randrange(NUM_SLOTS) for _ in range(tokens)]
+    if shape == "base_only":
+        return [-1] * tokens
+    raise ValueError(shape)
+
+
+def _slot_buffers(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked weights zero-padded beyond each slot's rank, as the slot pool stores them."""
+    gen = torch.Generator().manual_seed(seed)
+    lora_a = torch.zeros(NUM_SLOTS, D_IN, MAX_RANK)
+    lora_b = torch.zeros(NUM_SLOTS, MAX_RANK, D_OUT)
+    for slot, rank in enumerate(RANKS):
+        lora_a[slot, :, :rank] = torch.randn(D_IN, rank, generator=gen)
+        lora_b[slot, :rank] = torch.randn(rank, D_OUT, generator=gen)
+    return lora_a, lora_b
+
+
+@pytest.mark.parametrize("shape", ["identical", "distinct", "uniform", "zipf", "skewed", "base_only"])
+@pytest.mark.parametrize("tokens", [1, 7, 64, 200])
+@pytest.mark.parametrize("long_run_min", [1, 8, 10_000])
+def test_fast_path_matches_reference(shape, tokens, long_run_min):
+    rng = random.Random(hash((shape, tokens)) & 0xFFFF)
+    slots = sorted(_traffic(shape, tokens, rng))  # the runner groups each adapter's tokens
+    lora_a, lora_b = _slot_buffers(seed=tokens)
+    x = torch.randn(tokens, D_IN)
+    base = torch.randn(tokens, D_OUT)
+    expected, got = base.clone(), base.clone()
+    add_lora_reference(expected, x, lora_a, lora_b, slots)
+    add_lora(got, x, lora_a, lora_b, RANKS, MAX_RANK, plan_runs(slots, long_run_min, x.device))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    if any(s >= 0 for s in slots):
+        assert not torch.allclose(got, base), "the adapters must change something for this test to mean anything"
+
+
+def test_unsorted_slots_are_still_correct():
+    """Grouping is a speed matter only: a slot split into several runs must still get its own delta."""
+    slots = [2, 2, 5, -1, 2, 5, 5, 5, 5, 5, 5, 5, 5, 5, 1, 2]
+    lora_a, lora_b = _slot_buffers(seed=3)
+    x = torch.randn(len(slots), D_IN)
+    expected, got = torch.zeros(len(slots), D_OUT), torch.zeros(len(slots), D_OUT)
+    add_lora_reference(expected, x, lora_a, lora_b, slots)
+    add_lora(got, x, lora_a, lora_b, RANKS, MAX_RANK, plan_runs(slots, 4, x.device))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_plan_splits_long_and_short_runs():
+    plan = plan_runs([-1, -1, 0, 0, 0, 3, 3, 3, 3, 3, 1], long_run_min=4, device=torch.device("cpu"))
+    assert [(r.start, r.end, r.slot) for r in plan.long_runs] == [(5, 10, 3)]
+    assert plan.padded.token_index.tolist() == [2, 3, 4, 10]
+    assert (plan.padded.slot_lo, plan.padded.slot_hi, plan.padded.max_len) == (0, 1, 3)
+    assert plan.padded.pad_index.tolist() == [0, 1, 2, 3]
+    assert not plan_runs([-1, -1], 4, torch.device("cpu")).has_lora
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+def test_low_precision_dtypes_stay_close(dtype, tol):
+    slots = sorted(_traffic("uniform", 48, random.Random(1)))
+    lora_a, lora_b = _slot_buffers(seed=1)
+    x = torch.randn(48, D_IN) * 0.1
+    expected = torch.zeros(48, D_OUT)
+    add_lora_reference(expected, x, lora_a, lora_b, slots)
+    got = torch.zeros(48, D_OUT, dtype=dtype)
+    add_lora(got, x.to(dtype), lora_a.to(dtype), lora_b.to(dtype), RANKS, MAX_RANK,
+             plan_runs(slots, 8, x.device))
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
