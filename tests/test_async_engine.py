@@ -1,0 +1,84 @@
+"""The engine thread fed from asyncio: concurrent streams, late arrivals, cancellation."""
+
+import asyncio
+
+import pytest
+
+from server.engine.async_engine import AsyncEngine
+from server.engine.sequence import SamplingParams
+from server.errors import UnknownAdapterError
+from tests.factories import make_engine
+
+
+@pytest.fixture
+def async_engine(llama_dir, llama_adapters):
+    engine = make_engine(llama_dir)
+    for i in range(4):
+        engine.load_adapter(f"a{i}", llama_adapters(f"async{i}", seed=200 + i, r=4 + 4 * i, lora_alpha=16))
+    runner = AsyncEngine(engine)
+    runner.start()
+    yield runner
+    runner.stop()
+
+
+async def _collect(engine: AsyncEngine, request_id, prompt, params, adapter=None):
+    tokens, chunks, last = [], 0, None
+    async for out in engine.generate(request_id, prompt, params, adapter):
+        tokens += out.token_ids
+        chunks += 1
+        last = out
+    return tokens, chunks, last
+
+
+def test_concurrent_streams_equal_the_sync_engine(async_engine):
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    jobs = [(f"r{i}", [7 + i, 50, 90 + i], [None, "a0", "a1", "a2", "a3"][i % 5]) for i in range(20)]
+
+    async def main():
+        return await asyncio.gather(*(_collect(async_engine, rid, p, params, a) for rid, p, a in jobs))
+
+    results = asyncio.run(main())
+    expected = async_engine.call(
+        lambda: async_engine.engine.generate([p for _, p, _ in jobs], params, [a for _, _, a in jobs])).result()
+    for (tokens, chunks, last), want in zip(results, expected):
+        assert tokens == want.token_ids
+        assert chunks == 10, "one streamed chunk per token"
+        assert last.finished and last.finish_reason == "length" and last.completion_tokens == 10
+
+
+def test_a_late_short_request_does_not_wait_for_a_long_one(async_engine):
+    async def main():
+        order = []
+
+        async def run(name, max_tokens, delay):
+            await asyncio.sleep(delay)
+            await _collect(async_engine, name, [5, 6, 7],
+                           SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+            order.append(name)
+
+        await asyncio.gather(run("long", 120, 0), run("short", 3, 0.05))
+        return order
+
+    assert asyncio.run(main()) == ["short", "long"]
+
+
+def test_leaving_the_stream_aborts_and_frees_the_cache(async_engine):
+    allocator = async_engine.engine.kv_cache.allocator
+
+    async def main():
+        stream = async_engine.generate("gone", [5, 6, 7], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        async for _ in stream:
+            break
+        await stream.aclose()
+
+    asyncio.run(main())
+    assert async_engine.call(lambda: allocator.num_free).result() == allocator.num_blocks
+    assert not async_engine.call(async_engine.engine.has_unfinished).result()
+
+
+def test_refusal_reaches_the_caller(async_engine):
+    async def main():
+        await _collect(async_engine, "x", [5], SamplingParams(max_tokens=2), "missing")
+
+    with pytest.raises(UnknownAdapterError):
+        asyncio.run(main())
