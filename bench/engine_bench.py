@@ -21,6 +21,7 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from server.config import Settings
 from server.engine.engine import LLMEngine
 from server.engine.model_loader import load_base_model, load_tokenizer
 from server.engine.sequence import SamplingParams
-from tests.factories import VOCAB, byte_tokenizer
+from tests.factories import SPECIAL_TOKENS, VOCAB, byte_tokenizer
 
 RESULTS_DIR = Path(__file__).parent / "results"
 NUM_ADAPTERS = 32
@@ -44,16 +45,16 @@ RANKS = (8, 16, 32)  # adapter i has rank RANKS[i % 3]
 ENGINE_SPREADS = (0, 1, 8, NUM_ADAPTERS)  # distinct adapters per engine configuration (0: bare base)
 GOAL_VS_BASE = 0.85  # 32 adapters vs the bare base, same engine
 GOAL_VS_PEFT = 1.5  # 32 adapters vs PEFT's best mixed batch
-FIRST_TOKEN_ID = 3  # prompts avoid the byte tokenizer's special tokens
 
 FULL = dict(hidden=768, intermediate=2048, layers=10, heads=12, kv_heads=4, requests=64, max_tokens=32,
             repeats=3, serial_requests=8, batch_sizes="8,16,32,64", matmul_size=2048)
 QUICK = dict(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, requests=32, max_tokens=8,
-             repeats=1, serial_requests=4, batch_sizes="8,32", matmul_size=512)
+             repeats=2, serial_requests=4, batch_sizes="8,32", matmul_size=512)
 
 
 @dataclass(frozen=True)
 class Options:
+    quick: bool
     hidden: int
     intermediate: int
     layers: int
@@ -84,13 +85,17 @@ class Workload:
     adapters: list[str | None]  # per request
     max_tokens: int
 
+    @property
+    def distinct_adapters(self) -> int:
+        return len({name for name in self.adapters if name is not None})
+
 
 @dataclass
 class Result:
     """One configuration: its workload and the wall time of every timed repetition."""
 
     label: str
-    kind: str  # "engine" or "peft"
+    kind: str  # "engine", "peft-mixed" or "peft-serial"
     workload: Workload
     seconds: list[float] = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)  # token ids of the last repetition
@@ -145,13 +150,15 @@ def parse_options(argv: list[str] | None = None) -> Options:
     preset = QUICK if args.quick else FULL
     values = {key: preset[key] if getattr(args, key) is None else getattr(args, key) for key in preset}
     values["batch_sizes"] = tuple(int(size) for size in str(values["batch_sizes"]).split(","))
-    options = Options(**values, prompt_min=args.prompt_min, prompt_max=args.prompt_max, seed=args.seed,
+    options = Options(quick=args.quick, **values, prompt_min=args.prompt_min, prompt_max=args.prompt_max, seed=args.seed,
                       out=args.out or (RESULTS_DIR / "quick" if args.quick else RESULTS_DIR))
-    check_options(options)
+    problems = option_problems(options)
+    if problems:
+        parser.error("; ".join(problems))
     return options
 
 
-def check_options(o: Options) -> None:
+def option_problems(o: Options) -> list[str]:
     problems = []
     if o.requests < NUM_ADAPTERS:
         problems.append(f"--requests must be >= {NUM_ADAPTERS} so every adapter gets requests")
@@ -161,8 +168,7 @@ def check_options(o: Options) -> None:
         problems.append("need 1 <= --serial-requests <= --requests")
     if o.repeats < 1 or o.max_tokens < 1 or min(o.batch_sizes) < 1:
         problems.append("--repeats, --max-tokens and --batch-sizes must be >= 1")
-    if problems:
-        sys.exit("engine_bench: " + "; ".join(problems))
+    return problems
 
 
 # ---- model, adapters, workloads -----------------------------------------------------------------
@@ -207,7 +213,7 @@ def make_adapters(base: PreTrainedModel, root: Path, seed: int, clock: Clock) ->
 
 def make_prompts(o: Options) -> list[list[int]]:
     rng = random.Random(o.seed)
-    return [[rng.randrange(FIRST_TOKEN_ID, VOCAB) for _ in range(rng.randint(o.prompt_min, o.prompt_max))]
+    return [[rng.randrange(len(SPECIAL_TOKENS), VOCAB) for _ in range(rng.randint(o.prompt_min, o.prompt_max))]
             for _ in range(o.requests)]
 
 
@@ -226,7 +232,7 @@ def shortened(workload: Workload, max_tokens: int) -> Workload:
 
 def make_engine(model_dir: Path, o: Options, adapters: dict[str, Adapter]) -> LLMEngine:
     bytes_per_token = 2 * o.layers * o.kv_heads * (o.hidden // o.heads) * 4
-    kv_bytes = 2 * o.requests * (o.prompt_max + o.max_tokens) * bytes_per_token  # 2×: no preemption
+    kv_bytes = 2 * o.requests * (o.prompt_max + o.max_tokens) * bytes_per_token  # 2x: never preempts
     settings = Settings(
         model=model_dir, dtype="float32", device="cpu", kv_cache_memory=kv_bytes, max_loras=NUM_ADAPTERS,
         max_lora_rank=max(RANKS), max_num_seqs=o.requests, max_batch_tokens=4096,
@@ -246,12 +252,6 @@ def load_peft(model_dir: Path, adapters: dict[str, Adapter]) -> PeftModel:
     for adapter in rest:
         model.load_adapter(adapter.path, adapter_name=adapter.name)
     return model.eval()
-
-
-def timed(run: Callable[[], list[list[int]]]) -> tuple[float, list[list[int]]]:
-    start = time.perf_counter()
-    outputs = run()
-    return time.perf_counter() - start, outputs
 
 
 def engine_generate(engine: LLMEngine, workload: Workload) -> list[list[int]]:
@@ -303,7 +303,9 @@ class Case:
     run: Callable[[Workload], list[list[int]]]
 
     def measure(self, clock: Clock, tag: str) -> None:
-        seconds, outputs = timed(lambda: self.run(self.result.workload))
+        start = time.perf_counter()
+        outputs = self.run(self.result.workload)
+        seconds = time.perf_counter() - start
         self.result.seconds.append(seconds)
         self.result.outputs = outputs
         tokens = sum(len(t) for t in outputs)
@@ -319,31 +321,208 @@ def engine_cases(engine: LLMEngine, prompts: list[list[int]], names: list[str], 
     return cases
 
 
-def peft_cases(model: PeftModel, mixed: Workload, o: Options) -> tuple[list[Case], Case]:
-    batched = [Case(Result(f"PEFT mixed batch, bs {size}", "peft", mixed),
+def peft_cases(model: PeftModel, mixed: Workload, o: Options) -> list[Case]:
+    batched = [Case(Result(f"PEFT mixed batch, bs {size}", "peft-mixed", mixed),
                     lambda w, size=size: peft_mixed(model, w, size)) for size in o.batch_sizes]
     subset = Workload(mixed.prompts[:o.serial_requests], mixed.adapters[:o.serial_requests], mixed.max_tokens)
-    serial = Case(Result("PEFT one at a time", "peft", subset), lambda w: peft_serial(model, w))
-    return batched, serial
+    serial = Case(Result("PEFT one at a time", "peft-serial", subset), lambda w: peft_serial(model, w))
+    return batched + [serial]
 
 
 def warm_up(cases: list[Case], clock: Clock) -> None:
-    """One short pass of each configuration: kernels, allocator, and the engine's adapter slots."""
+    """Each configuration once with 2 output tokens: kernels, allocator, and every adapter into its slot."""
     for case in cases:
-        workload = case.result.workload
-        case.run(Workload(workload.prompts[:8], workload.adapters[:8], 2))
+        case.run(shortened(case.result.workload, 2))
     clock.log("warmed up")
 
 
-def measure_all(engine_side: list[Case], peft_batched: list[Case], serial: Case, o: Options, clock: Clock) -> None:
-    """Rounds interleave every engine configuration (so drift hits all alike); PEFT's batches run once,
-    between rounds, and one-at-a-time last (the slowest)."""
-    for round_index in range(o.repeats):
-        tag = f"round {round_index + 1}/{o.repeats}"
-        for case in engine_side:
-            case.measure(clock, tag)
-        if round_index < len(peft_batched):
-            peft_batched[round_index].measure(clock, tag)
-    for case in peft_batched[o.repeats:]:
-        case.measure(clock, "peft")
-    serial.measure(clock, "peft")
+def measure_all(cases: list[Case], repeats: int, clock: Clock) -> None:
+    """Every round times every configuration once, so slow phases of the machine hit them all alike."""
+    for round_index in range(repeats):
+        for case in cases:
+            case.measure(clock, f"round {round_index + 1}/{repeats}")
+
+
+# ---- reporting ----------------------------------------------------------------------------------
+
+
+def result_flops(result: Result, shape: ModelShape, ranks: dict[str, int]) -> float:
+    workload = result.workload
+    return sum(request_flops(shape, len(prompt), len(output), ranks[name] if name else 0)
+               for prompt, output, name in zip(workload.prompts, result.outputs, workload.adapters))
+
+
+def summarize(results: list[Result], shape: ModelShape, ranks: dict[str, int], peak: float) -> list[dict]:
+    """One JSON-ready row per configuration, with the ratios and the roofline fraction."""
+    engine = [r for r in results if r.kind == "engine"]
+    bare = next(r for r in engine if r.workload.distinct_adapters == 0)
+    reference = next(r for r in engine if r.workload.distinct_adapters == NUM_ADAPTERS)
+    peft_best = max((r for r in results if r.kind == "peft-mixed"), key=lambda r: r.tokens_per_s)
+    rows = []
+    for r in results:
+        flops = result_flops(r, shape, ranks)
+        same = sum(a == b for a, b in zip(r.outputs, reference.outputs))  # PEFT runs a prefix of it
+        rows.append({
+            "configuration": r.label, "kind": r.kind, "requests": len(r.workload.prompts),
+            "distinct_adapters": r.workload.distinct_adapters, "output_tokens": r.output_tokens,
+            "seconds": r.seconds, "best_seconds": min(r.seconds), "tokens_per_s": r.tokens_per_s,
+            "spread": r.spread, "vs_bare_base": r.tokens_per_s / bare.tokens_per_s,
+            "vs_peft_best_mixed": r.tokens_per_s / peft_best.tokens_per_s, "workload_flops": flops,
+            "achieved_flops_per_s": flops / min(r.seconds), "roofline_fraction": flops / min(r.seconds) / peak,
+            "same_tokens_as_engine": None if r.kind == "engine" else f"{same}/{len(r.outputs)}",
+        })
+    return rows
+
+
+def per_round_ratios(a: dict, b: dict) -> list[float]:
+    """Throughput of a over b within each round: runs next to each other in time share the machine's state."""
+    return [(a["output_tokens"] / sa) / (b["output_tokens"] / sb) for sa, sb in zip(a["seconds"], b["seconds"])]
+
+
+def check_goals(rows: list[dict]) -> dict[str, dict]:
+    engine = [row for row in rows if row["kind"] == "engine"]
+    bare = next(row for row in engine if row["distinct_adapters"] == 0)
+    all_adapters = next(row for row in engine if row["distinct_adapters"] == NUM_ADAPTERS)
+    peft_best = max((row for row in rows if row["kind"] == "peft-mixed"), key=lambda row: row["tokens_per_s"])
+    vs_base, vs_peft = all_adapters["vs_bare_base"], all_adapters["vs_peft_best_mixed"]
+    return {
+        f"{NUM_ADAPTERS} adapters vs engine bare base": {
+            "ratio": vs_base, "goal": GOAL_VS_BASE, "met": vs_base >= GOAL_VS_BASE,
+            "per_round": per_round_ratios(all_adapters, bare),
+        },
+        f"{NUM_ADAPTERS} adapters vs PEFT best mixed batch": {
+            "ratio": vs_peft, "goal": GOAL_VS_PEFT, "met": vs_peft >= GOAL_VS_PEFT,
+            "per_round": per_round_ratios(all_adapters, peft_best), "peft_best": peft_best["configuration"],
+        },
+    }
+
+
+def print_report(rows: list[dict], goals: dict[str, dict], peak: float, repeats: int) -> None:
+    print(f"\nthroughput: output tokens / best wall time of {repeats} round(s); roofline: {peak / 1e9:.1f} GFLOP/s "
+          "(best float32 matmul)")
+    header = (f"{'configuration':<26} {'reqs':>4} {'tokens':>6} {'best s':>7} {'tok/s':>7} {'spread':>6} "
+              f"{'x bare':>6} {'x PEFT':>6} {'GFLOP/s':>7} {'roof':>6}  same as engine")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(f"{row['configuration']:<26} {row['requests']:>4} {row['output_tokens']:>6} {row['best_seconds']:>7.2f} "
+              f"{row['tokens_per_s']:>7.1f} {row['spread']:>6.0%} {row['vs_bare_base']:>6.2f} "
+              f"{row['vs_peft_best_mixed']:>6.2f} {row['achieved_flops_per_s'] / 1e9:>7.1f} "
+              f"{row['roofline_fraction']:>6.1%}  {row['same_tokens_as_engine'] or ''}")
+    print()
+    print("goals (best vs best; in brackets the same ratio within each round)")
+    for name, goal in goals.items():
+        rounds = " ".join(f"{ratio:.2f}" for ratio in goal["per_round"])
+        extra = f"  PEFT best: {goal['peft_best']}" if "peft_best" in goal else ""
+        verdict = "MET" if goal["met"] else "MISSED"
+        print(f"  {name:<40} >= {goal['goal']:.2f}x : {goal['ratio']:.2f}x [{rounds}]  {verdict}{extra}")
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    return {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version()}
+
+
+def plot(rows: list[dict], goals: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 6))
+    colors = ["tab:blue" if row["kind"] == "engine" else "tab:orange" for row in rows]
+    bars = ax.bar(range(len(rows)), [row["tokens_per_s"] for row in rows], color=colors)
+    for bar, row in zip(bars, rows):
+        ax.annotate(f"{row['tokens_per_s']:.0f}\n{row['roofline_fraction']:.0%} roof",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    bare = next(row for row in rows if row["kind"] == "engine" and row["distinct_adapters"] == 0)
+    peft_best = max((row for row in rows if row["kind"] == "peft-mixed"), key=lambda row: row["tokens_per_s"])
+    ax.axhline(GOAL_VS_BASE * bare["tokens_per_s"], color="tab:blue", linestyle="--", linewidth=1,
+               label=f"goal for {NUM_ADAPTERS} adapters: {GOAL_VS_BASE}x engine bare base")
+    ax.axhline(GOAL_VS_PEFT * peft_best["tokens_per_s"], color="tab:orange", linestyle=":", linewidth=1,
+               label=f"goal for {NUM_ADAPTERS} adapters: {GOAL_VS_PEFT}x PEFT best mixed batch")
+    ax.set_xticks(range(len(rows)), [row["configuration"] for row in rows], rotation=25, ha="right")
+    ax.set_ylabel("output tokens/s (best round)")
+    ax.set_title(title, fontsize=10)
+    ax.margins(y=0.15)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(o: Options, report: dict, title: str) -> None:
+    o.out.mkdir(parents=True, exist_ok=True)
+    (o.out / "engine_bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    plot(report["results"], report["goals"], o.out / "engine_bench.png", title)
+    print(f"\nwrote {o.out / 'engine_bench.json'} and {o.out / 'engine_bench.png'}")
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+
+def quiet_libraries() -> None:
+    """Progress bars and deprecation notices of transformers/PEFT would bury the benchmark's own lines."""
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+
+
+def main(argv: list[str] | None = None) -> None:
+    o = parse_options(argv)
+    quiet_libraries()
+    clock = Clock()
+    env = environment()
+    clock.log(f"{env['cpu']}, {env['torch_threads']} torch threads, torch {env['torch']}")
+    peak_before = peak_matmul_flops(o.matmul_size)
+    with tempfile.TemporaryDirectory(prefix="engine_bench-") as tmp:
+        model_dir = Path(tmp) / "base"
+        base = build_base(o, model_dir)
+        params = sum(p.numel() for p in base.parameters())
+        clock.log(f"random Llama: {params / 1e6:.1f}M parameters, {o.layers} layers, hidden {o.hidden}")
+        adapters = make_adapters(base, Path(tmp) / "adapters", o.seed, clock)
+        del base
+        engine = make_engine(model_dir, o, adapters)
+        peft_model = load_peft(model_dir, adapters)
+        clock.log("engine and PEFT model loaded")
+        prompts, names = make_prompts(o), list(adapters)
+        cases = engine_cases(engine, prompts, names, o.max_tokens)
+        cases += peft_cases(peft_model, spread_over(prompts, names, o.max_tokens), o)
+        warm_up(cases, clock)
+        measure_all(cases, o.repeats, clock)
+    # The best of two measurements: a slow moment of the machine must not flatter the roofline fraction.
+    peak = max(peak_before, peak_matmul_flops(o.matmul_size))
+    shape = ModelShape.from_config(llama_config(o))
+    rows = summarize([case.result for case in cases], shape, {a.name: a.rank for a in adapters.values()}, peak)
+    goals = check_goals(rows)
+    print_report(rows, goals, peak, o.repeats)
+    if o.quick:
+        print("--quick is a smoke test: on a tiny model per-step overheads dominate, so its ratios say nothing "
+              "about the goals")
+    if engine.scheduler.preemptions:
+        print(f"warning: the engine preempted {engine.scheduler.preemptions} sequences; its numbers include recompute")
+    report = {
+        "command": " ".join(["python -m bench.engine_bench", *(argv if argv is not None else sys.argv[1:])]),
+        "environment": env, "options": vars(o) | {"out": str(o.out)},
+        "model": {"parameters": params, "linear_parameters": shape.linear_params, "shape": vars(shape)},
+        "adapters": {a.name: a.rank for a in adapters.values()}, "adapted_modules": list(ADAPTED_MODULES),
+        "peak_flops_per_s": peak, "engine_preemptions": engine.scheduler.preemptions,
+        "results": rows, "goals": goals,
+    }
+    title = (f"loraserve engine vs PEFT: random Llama {params / 1e6:.1f}M, {o.requests} requests x {o.max_tokens} "
+             f"tokens, float32, {env['cpu']} ({env['torch_threads']} threads)")
+    write_outputs(o, report, title)
+    clock.log("done")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,7 @@ class Settings(BaseSettings):
 
     # The base model
     model: Path = Field(Path("demo/base"), description="Local Hugging Face model directory.")
+    served_model_name: str | None = Field(None, description="Name of the base in /v1/models (default: dir name).")
     dtype: DType = Field("auto", description="float32 on CPU, bfloat16 on CUDA when 'auto'.")
     device: str = Field("auto", description="'cpu', 'cuda', 'cuda:N' or 'auto'.")
 
@@ -27,3 +28,16 @@ class Settings(BaseSettings):
     max_queue: int = Field(1024, ge=0, description="Requests waiting for admission at most.")
     kv_cache_memory: ByteSize = Field(ByteSize(512 * 1024**2), description="Bytes for the KV cache.")
     kv_block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
+
+    # Adapters as data
+    adapters_dir: Path = Field(Path("adapters"), description="Adapter store: hand-placed PEFT dirs and blobs.")
+    catalogue_url: str | None = Field(None, description="SQLAlchemy URL (default: SQLite in adapters_dir).")
+    host_cache_memory: ByteSize = Field(ByteSize(1024**3), description="Bytes of adapters kept in host memory.")
+    max_upload_size: ByteSize = Field(ByteSize(512 * 1024**2), description="Largest adapter upload accepted.")
+    lora: list[str] = Field(default_factory=list, description="NAME=PATH adapters registered at start.")
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_format: Literal["json", "text"] = "json"
+    shutdown_grace_seconds: float = Field(30.0, ge=0, description="Time in-flight requests get to finish.")

@@ -15,6 +15,7 @@ from typing import Any
 
 from server.engine.engine import LLMEngine, RequestOutput
 from server.engine.sequence import SamplingParams
+from server.lora.adapter import LoraAdapter
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +53,34 @@ class AsyncEngine:
     async def run(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.wrap_future(self.call(fn))
 
-    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream one request's outputs. Raises the engine's refusal (unknown adapter, queue full, ...)
-        before the first output; leaving the iterator early aborts the request."""
+    async def submit(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                     adapter: str | LoraAdapter | None = None) -> "RequestStream":
+        """Queue a request; raises the engine's refusal (unknown adapter, queue full, too long) here,
+        before any output, so the caller can still answer with an error status."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = (loop, outputs)
-        finished = False
         try:
             await self.run(lambda: self.engine.add_request(request_id, prompt, params, adapter))
-            while not finished:
-                output = await outputs.get()
-                finished = output.finished
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return RequestStream(self, request_id, outputs)
+
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                       adapter: str | LoraAdapter | None = None) -> AsyncIterator[RequestOutput]:
+        """submit() and iterate; leaving early aborts the request."""
+        stream = await self.submit(request_id, prompt, params, adapter)
+        try:
+            async for output in stream:
                 yield output
         finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self.call(lambda: self.engine.abort(request_id))
+            stream.close()
+
+    def release_stream(self, request_id: str, finished: bool) -> None:
+        self._streams.pop(request_id, None)
+        if not finished:
+            self.call(lambda: self.engine.abort(request_id))
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -107,3 +118,31 @@ class AsyncEngine:
             if stream is not None:
                 loop, outputs_queue = stream
                 loop.call_soon_threadsafe(outputs_queue.put_nowait, output)
+
+
+class RequestStream:
+    """The outputs of one accepted request, in order; close() before the end aborts it."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, outputs: "asyncio.Queue[RequestOutput]"):
+        self.request_id = request_id
+        self._engine = engine
+        self._outputs = outputs
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished or self._closed:
+            raise StopAsyncIteration
+        output = await self._outputs.get()
+        if output.finished:
+            self._finished = True
+            self.close()
+        return output
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._engine.release_stream(self.request_id, self._finished)

@@ -107,9 +107,12 @@ class LLMEngine:
     def add_adapter(self, adapter: LoraAdapter) -> None:
         self.adapters[adapter.name] = adapter
 
+    def adapter_in_use(self, name: str) -> bool:
+        return any(t.seq.adapter_name == name for t in self._requests.values())
+
     def remove_adapter(self, name: str) -> bool:
         """Forget an adapter; False (and nothing changes) while running requests still use it."""
-        if any(t.seq.adapter_name == name for t in self._requests.values()):
+        if self.adapter_in_use(name):
             return False
         self.slots.evict(name)
         self.runner.merged.pop(name, None)
@@ -126,10 +129,12 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    adapter: str | None = None) -> None:
+                    adapter: str | LoraAdapter | None = None) -> None:
+        """Queue a request. `adapter` is a registered name, an adapter object (the server's registry
+        hands those over, so the engine need not hold every adapter), or None for the bare base."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        lora = self._adapter(adapter) if adapter is not None else None
+        lora = self._adapter(adapter) if isinstance(adapter, str) else adapter
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_fits(prompt_ids, params)
         if len(self.scheduler.waiting) >= self.settings.max_queue:
@@ -167,7 +172,7 @@ class LLMEngine:
         return outputs
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
-                 adapters: list[str | None] | None = None) -> list[Completion]:
+                 adapters: list[str | LoraAdapter | None] | None = None) -> list[Completion]:
         """Run requests to completion together (tests, benchmarks, offline use)."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         adapters = adapters or [None] * len(prompts)

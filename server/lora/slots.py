@@ -6,6 +6,7 @@ An adapter is resident in one slot for all modules at once. Residents that no ru
 are evicted least recently used first when a new adapter needs a slot.
 """
 
+import time
 from collections import Counter, OrderedDict
 
 import torch
@@ -60,6 +61,7 @@ class LoraSlotPool:
         self._users: Counter[str] = Counter()
         self.loads = 0
         self.evictions = 0
+        self.load_seconds = 0.0
 
     def slot_of(self, name: str) -> int | None:
         return self._resident.get(name)
@@ -115,6 +117,7 @@ class LoraSlotPool:
         return next((name for name in self._resident if self._users[name] == 0), None)
 
     def _load(self, adapter: LoraAdapter, slot: int) -> None:
+        started = time.perf_counter()
         for name in adapter.modules.keys() - self.modules.keys():
             self.modules[name] = ModuleSlots(self._targets[name], *self._buffer_args)
         for name, module in self.modules.items():
@@ -123,6 +126,7 @@ class LoraSlotPool:
         if any(w.dora_scale is not None for w in adapter.modules.values()):
             self._dora.add(adapter.name)
         self.loads += 1
+        self.load_seconds += time.perf_counter() - started
 
     def _clear(self, slot: int, name: str) -> None:
         for module in self.modules.values():

@@ -1,0 +1,1 @@
+"""HTTP only: routes translate between HTTP and the engine, registry and experiments."""

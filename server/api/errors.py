@@ -1,0 +1,87 @@
+"""The one place that maps domain errors to HTTP statuses, in OpenAI's error shape:
+{"error": {"message", "type", "param", "code"}}."""
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import errors
+from server.registry import errors as registry_errors
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error raised by a route itself (bad parameter combination, unsupported feature, ...)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
+
+# Domain error -> (status, code). Subclasses match their closest listed ancestor.
+_DOMAIN: list[tuple[type[Exception], int, str]] = [
+    (errors.UnknownAdapterError, 404, "model_not_found"),
+    (registry_errors.AdapterNotFoundError, 404, "model_not_found"),
+    (errors.AdapterValidationError, 422, "invalid_adapter"),
+    (registry_errors.UploadTooLargeError, 413, "upload_too_large"),
+    (registry_errors.InvalidNameError, 400, "invalid_name"),
+    (registry_errors.NameConflictError, 409, "name_conflict"),
+    (registry_errors.PathNotAllowedError, 403, "path_not_allowed"),
+    (errors.RequestTooLargeError, 400, "context_length_exceeded"),
+    (errors.CapacityError, 503, "server_busy"),
+]
+RETRY_AFTER_SECONDS = "1"
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def domain_error_status(exc: Exception) -> tuple[int, str] | None:
+    for cls, status, code in _DOMAIN:
+        if isinstance(exc, cls):
+            return status, code
+    return None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(errors.LoraserveError)
+    async def _domain_error(request: Request, exc: errors.LoraserveError):
+        status, code = domain_error_status(exc) or (500, "internal_error")
+        headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
+        return error_response(status, str(exc), code=code, headers=headers)
+
+    @app.exception_handler(ValueError)
+    async def _value_error(request: Request, exc: ValueError):
+        return error_response(400, str(exc), code="invalid_value")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors())
+        return error_response(400, message, ".".join(loc) or None, "invalid_parameter")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error")
+        return error_response(500, "internal server error", code="internal_error")

@@ -1,0 +1,117 @@
+"""Running one API request through the engine: every (prompt × n) choice as its own engine request,
+their outputs merged into one stream, with the per-adapter metrics recorded on the way."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from server.api.metrics import Metrics
+from server.engine.async_engine import AsyncEngine, RequestStream
+from server.engine.engine import RequestOutput
+from server.engine.sequence import FinishReason, SamplingParams
+from server.lora.adapter import LoraAdapter
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request's `model` resolved to."""
+
+    model: str  # as the caller wrote it; echoed in responses
+    adapter: LoraAdapter | None  # None: the bare base
+    label: str  # metrics label: the base's name or "adapter@version"
+
+
+@dataclass(frozen=True)
+class ChoiceOutput:
+    index: int
+    output: RequestOutput
+
+
+class InferenceService:
+    def __init__(self, engine: AsyncEngine, metrics: Metrics):
+        self.engine = engine
+        self.metrics = metrics
+
+    async def run(self, request_id: str, prompts: list[str | list[int]], params: SamplingParams, n: int,
+                  target: Target, endpoint: str) -> AsyncIterator[ChoiceOutput]:
+        """Submit every choice (refusals raise here, before any output), then stream their outputs."""
+        streams = await self._submit_all(request_id, prompts, params, n, target)
+        return self._merged(streams, target, endpoint)
+
+    async def _submit_all(self, request_id: str, prompts: list[str | list[int]], params: SamplingParams, n: int,
+                          target: Target) -> list[RequestStream]:
+        streams: list[RequestStream] = []
+        try:
+            for p_index, prompt in enumerate(prompts):
+                for i in range(n):
+                    choice_params = params
+                    if params.seed is not None and n > 1:  # distinct but reproducible choices
+                        choice_params = replace(params, seed=params.seed + i)
+                    index = p_index * n + i
+                    streams.append(await self.engine.submit(f"{request_id}-{index}", prompt, choice_params,
+                                                            target.adapter))
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
+        return streams
+
+    async def _merged(self, streams: list[RequestStream], target: Target, endpoint: str) -> AsyncIterator[ChoiceOutput]:
+        started = time.monotonic()
+        queue: asyncio.Queue[ChoiceOutput | None] = asyncio.Queue()
+
+        async def pump(index: int, stream: RequestStream) -> None:
+            try:
+                async for output in stream:
+                    await queue.put(ChoiceOutput(index, output))
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        timing = _Timing(self.metrics, target.label, started)
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                    continue
+                timing.observe(item.output)
+                if item.output.finished:
+                    self._record_finish(item.output, target.label, endpoint)
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            for stream in streams:
+                stream.close()
+            timing.finish()
+
+    def _record_finish(self, output: RequestOutput, label: str, endpoint: str) -> None:
+        reason = output.finish_reason or FinishReason.ABORT
+        self.metrics.requests.labels(label, endpoint, reason.value).inc()
+        self.metrics.prompt_tokens.labels(label).inc(output.prompt_tokens)
+        self.metrics.output_tokens.labels(label).inc(output.completion_tokens)
+
+
+class _Timing:
+    """Time to first token, inter-token latency and total latency of one API request."""
+
+    def __init__(self, metrics: Metrics, label: str, started: float):
+        self._metrics, self._label, self._started = metrics, label, started
+        self._last: float | None = None
+
+    def observe(self, output: RequestOutput) -> None:
+        if not output.token_ids:
+            return
+        now = time.monotonic()
+        if self._last is None:
+            self._metrics.ttft.labels(self._label).observe(now - self._started)
+        else:
+            self._metrics.itl.labels(self._label).observe(now - self._last)
+        self._last = now
+
+    def finish(self) -> None:
+        if self._last is not None:
+            self._metrics.e2e.labels(self._label).observe(self._last - self._started)

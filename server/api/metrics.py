@@ -1,0 +1,64 @@
+"""Prometheus metrics: per-adapter request counters and latency histograms, engine gauges on scrape."""
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from server.engine.engine import LLMEngine
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """One registry per app, so several servers in one process (tests) do not collide."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        labels = ["adapter"]
+        self.requests = Counter("loraserve_requests", "Inference requests finished.", ["adapter", "endpoint", "finish_reason"],
+                                registry=self.registry)
+        self.errors = Counter("loraserve_request_errors", "Requests refused or failed.", ["adapter", "status"],
+                              registry=self.registry)
+        self.prompt_tokens = Counter("loraserve_prompt_tokens", "Prompt tokens processed.", labels, registry=self.registry)
+        self.output_tokens = Counter("loraserve_output_tokens", "Tokens generated.", labels, registry=self.registry)
+        self.ttft = Histogram("loraserve_time_to_first_token_seconds", "Arrival to first token.", labels,
+                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.itl = Histogram("loraserve_inter_token_latency_seconds", "Between consecutive tokens.", labels,
+                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("loraserve_request_latency_seconds", "Arrival to last token.", labels,
+                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.adapter_loads = Histogram("loraserve_adapter_load_seconds", "Adapter loads into a tier, and their time.",
+                                       ["tier"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+    def watch_engine(self, engine: LLMEngine) -> None:
+        self.registry.register(_EngineCollector(engine))
+
+
+class _EngineCollector:
+    """Reads the engine's state at scrape time (plain reads of counters; approximate by design)."""
+
+    def __init__(self, engine: LLMEngine):
+        self._engine = engine
+
+    def collect(self):
+        engine = self._engine
+        scheduler, slots = engine.scheduler, engine.slots
+        yield _gauge("loraserve_queue_depth", "Requests waiting for admission.", len(scheduler.waiting))
+        yield _gauge("loraserve_running_batch_size", "Sequences in the running batch.", len(scheduler.running))
+        yield _gauge("loraserve_kv_cache_usage_ratio", "Share of KV-cache blocks in use.", engine.kv_cache.allocator.usage)
+        yield _gauge("loraserve_device_adapters", "Adapters resident in device slots.", len(slots.resident))
+        yield _gauge("loraserve_merged_adapters", "Adapters with a merged copy.", len(engine.runner.merged))
+        yield _counter("loraserve_device_adapter_loads", "Adapter loads into device slots.", slots.loads)
+        yield _counter("loraserve_device_adapter_evictions", "Adapters evicted from device slots.", slots.evictions)
+        yield _counter("loraserve_device_adapter_load_seconds", "Time spent loading adapters into slots.",
+                       slots.load_seconds)
+        yield _counter("loraserve_preemptions", "Sequences preempted for lack of KV cache.", scheduler.preemptions)
+        yield _counter("loraserve_merged_steps", "Forward passes run entirely on merged weights.",
+                       engine.runner.merged_steps)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)

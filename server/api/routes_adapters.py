@@ -1,0 +1,181 @@
+"""The adapter registry over HTTP: upload, list, inspect, delete, aliases, warm/cool, vLLM's endpoints."""
+
+import asyncio
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, Field
+
+from server.api.errors import ApiError
+from server.api.state import AppState, app_state
+from server.registry.records import AdapterRecord, AdapterSummary, AliasRecord
+from server.registry.names import parse_model_ref
+
+router = APIRouter(tags=["adapters"])
+
+
+class AliasBody(BaseModel):
+    target: str = Field(description="name@version (or a name: its newest version now)")
+
+
+class LoadLoraBody(BaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraBody(BaseModel):
+    lora_name: str
+
+
+def _residency(state: AppState, key: str) -> str:
+    engine = state.engine.engine
+    if key in engine.runner.merged:
+        return "merged"
+    if engine.slots.slot_of(key) is not None:
+        return "device"
+    return state.registry.tier_of(key)
+
+
+def _version_json(state: AppState, record: AdapterRecord) -> dict:
+    return {
+        "id": record.key,
+        "name": record.name,
+        "version": record.version,
+        "description": record.description,
+        "rank": record.rank,
+        "alpha": record.alpha,
+        "use_rslora": record.use_rslora,
+        "use_dora": record.use_dora,
+        "target_modules": record.target_modules,
+        "trainable_parameters": record.trainable_params,
+        "adapted_base_parameters": record.adapted_base_params,
+        "trainable_ratio": record.trainable_params / record.adapted_base_params if record.adapted_base_params else None,
+        "bytes": record.size_bytes,
+        "sha256": record.weights_sha256,
+        "source": record.source,
+        "created": int(record.created_at.timestamp()),
+        "resident": _residency(state, record.key),
+        "parent": state.models.base_name,
+    }
+
+
+def _alias_json(alias: AliasRecord) -> dict:
+    return {"alias": alias.alias, "target": alias.target, "updated": int(alias.updated_at.timestamp())}
+
+
+def _summary_json(state: AppState, summary: AdapterSummary) -> dict:
+    return {**_version_json(state, summary.latest), "versions": list(summary.versions)}
+
+
+@router.post("/v1/adapters", status_code=201)
+async def upload_adapter(
+    request: Request,
+    name: str = Form(...),
+    description: str = Form(""),
+    adapter_config: UploadFile = File(..., alias="adapter_config.json"),
+    adapter_model: UploadFile = File(..., alias="adapter_model.safetensors"),
+) -> dict:
+    """Validate a PEFT adapter fully against the base, store it, and make it a new version of `name`."""
+    state = app_state(request)
+    record = await asyncio.to_thread(
+        state.registry.upload, name, description, adapter_config.file, adapter_model.file
+    )
+    return _version_json(state, record)
+
+
+@router.get("/v1/adapters")
+async def list_adapters(request: Request, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
+    state = app_state(request)
+    page = state.registry.list(limit=limit, offset=offset)
+    return {
+        "object": "list",
+        "data": [_summary_json(state, summary) for summary in page.items],
+        "total": page.total,
+        "limit": limit,
+        "offset": offset,
+        "has_more": offset + len(page.items) < page.total,
+    }
+
+
+@router.get("/v1/adapters/{name}")
+async def get_adapter(request: Request, name: str) -> dict:
+    state = app_state(request)
+    versions = state.registry.get(name)
+    newest = versions[-1]
+    return {**_version_json(state, newest), "versions": [_version_json(state, v) for v in versions]}
+
+
+@router.delete("/v1/adapters/{ref}")
+async def delete_adapter(request: Request, ref: str) -> dict:
+    """Delete `name` (every version) or `name@version`. Running requests on it finish first (drain)."""
+    state = app_state(request)
+    parsed = parse_model_ref(ref)
+    deleted = state.registry.delete(parsed.name, parsed.version)
+    draining = []
+    for record in deleted:
+        removed = await state.engine.run(lambda key=record.key: state.engine.engine.remove_adapter(key))
+        if not removed:
+            draining.append(record.key)
+    return {"deleted": [r.key for r in deleted], "draining": draining}
+
+
+@router.post("/v1/adapters/{ref}/warm")
+async def warm_adapter(request: Request, ref: str) -> dict:
+    """Load an adapter into host memory and a device slot now, so its first request pays nothing."""
+    state = app_state(request)
+    target = await state.models.resolve(ref)
+    slots = state.engine.engine.slots
+
+    def place() -> bool:
+        if slots.acquire(target.adapter) is None:
+            return False
+        slots.release(target.adapter.name)
+        return True
+
+    if not await state.engine.run(place):
+        raise ApiError(503, "every device slot is in use by running requests", code="server_busy",
+                       headers={"Retry-After": "1"})
+    return {"id": target.label, "resident": _residency(state, target.label)}
+
+
+@router.post("/v1/adapters/{ref}/cool")
+async def cool_adapter(request: Request, ref: str) -> dict:
+    """Release an adapter from its device slot and host memory (it stays on disk)."""
+    state = app_state(request)
+    record = state.registry.resolve(ref)
+    await state.engine.run(lambda: state.engine.engine.remove_adapter(record.key))
+    state.registry.cache.evict(record.key)
+    return {"id": record.key, "resident": _residency(state, record.key)}
+
+
+@router.put("/v1/aliases/{alias}")
+async def put_alias(request: Request, alias: str, body: AliasBody) -> dict:
+    """Point an alias at an adapter version (rollout, rollback)."""
+    return _alias_json(app_state(request).registry.set_alias(alias, body.target))
+
+
+@router.get("/v1/aliases")
+async def list_aliases(request: Request) -> dict:
+    return {"object": "list", "data": [_alias_json(a) for a in app_state(request).registry.list_aliases()]}
+
+
+@router.delete("/v1/aliases/{alias}")
+async def delete_alias(request: Request, alias: str) -> dict:
+    app_state(request).registry.delete_alias(alias)
+    return {"deleted": alias}
+
+
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+async def vllm_load_lora_adapter(request: Request, body: LoadLoraBody) -> str:
+    """vLLM-compatible: register a PEFT directory that lies inside the adapters directory."""
+    state = app_state(request)
+    await asyncio.to_thread(state.registry.load_from_path, body.lora_name, body.lora_path)
+    return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+async def vllm_unload_lora_adapter(request: Request, body: UnloadLoraBody) -> str:
+    state = app_state(request)
+    for record in state.registry.delete(body.lora_name, None):
+        await state.engine.run(lambda key=record.key: state.engine.engine.remove_adapter(key))
+    return f"Success: LoRA adapter '{body.lora_name}' removed successfully."

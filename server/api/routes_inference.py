@@ -1,0 +1,143 @@
+"""OpenAI-compatible inference: /v1/completions, /v1/chat/completions, /v1/models."""
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from server.api import openai_format as fmt
+from server.api.chat import chat_prompt
+from server.api.errors import ApiError
+from server.api.inference import ChoiceOutput
+from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelList
+from server.api.state import AppState, app_state
+from server.engine.sampler import TokenLogprobs
+from server.engine.sequence import SamplingParams
+
+router = APIRouter(tags=["inference"])
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def _sampling(body, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=body.top_k, seed=body.seed, stop=tuple(body.stop), ignore_eos=body.ignore_eos,
+                              logprobs=logprobs)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), code="invalid_parameter") from None
+
+
+async def _collect(outputs: AsyncIterator[ChoiceOutput], count: int) -> list[_Choice]:
+    choices = [_Choice() for _ in range(count)]
+    async for item in outputs:
+        choice, out = choices[item.index], item.output
+        choice.text += out.text
+        choice.logprobs += out.logprobs
+        choice.prompt_tokens, choice.completion_tokens = out.prompt_tokens, out.completion_tokens
+        if out.finished:
+            choice.finish_reason = out.finish_reason.value
+    return choices
+
+
+def _usage(choices: list[_Choice], n: int) -> dict:
+    prompt = sum(c.prompt_tokens for c in choices[::n])  # each prompt once, however many choices it has
+    return fmt.usage(prompt, sum(c.completion_tokens for c in choices))
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=app_state(request).models.cards())
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state = app_state(request)
+    if body.echo:
+        raise ApiError(400, "echo is not supported", param="echo", code="unsupported_parameter")
+    target = await state.models.resolve(body.model)
+    params = _sampling(body, body.max_tokens, body.logprobs)
+    prompts = body.prompts()
+    response_id = f"cmpl-{request.state.request_id}"
+    outputs = await state.inference.run(response_id, prompts, params, body.n, target, "completions")
+    if body.stream:
+        chunks = _completion_chunks(state, outputs, response_id, body, len(prompts) * body.n)
+        return StreamingResponse(chunks, media_type="text/event-stream")
+    choices = await _collect(outputs, len(prompts) * body.n)
+    logprobs = fmt.LogprobFormatter(state.tokenizer)
+    return fmt.envelope(response_id, "text_completion", body.model, [
+        {"index": i, "text": c.text, "finish_reason": c.finish_reason,
+         "logprobs": logprobs.completion(c.logprobs, 0) if body.logprobs is not None else None}
+        for i, c in enumerate(choices)
+    ], _usage(choices, body.n))
+
+
+async def _completion_chunks(state: AppState, outputs: AsyncIterator[ChoiceOutput], response_id: str,
+                             body: CompletionRequest, count: int) -> AsyncIterator[str]:
+    choices = [_Choice() for _ in range(count)]
+    logprobs = fmt.LogprobFormatter(state.tokenizer)
+    async for item in outputs:
+        out, choice = item.output, choices[item.index]
+        entry = {"index": item.index, "text": out.text,
+                 "finish_reason": out.finish_reason.value if out.finished else None,
+                 "logprobs": logprobs.completion(out.logprobs, len(choice.text)) if body.logprobs is not None else None}
+        choice.text += out.text
+        choice.prompt_tokens, choice.completion_tokens = out.prompt_tokens, out.completion_tokens
+        yield fmt.sse(fmt.envelope(response_id, "text_completion", body.model, [entry]))
+    if body.stream_options and body.stream_options.include_usage:
+        yield fmt.sse(fmt.envelope(response_id, "text_completion", body.model, [], _usage(choices, body.n)))
+    yield fmt.sse("[DONE]")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = app_state(request)
+    target = await state.models.resolve(body.model)
+    max_tokens = body.token_limit() or state.default_max_tokens
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    params = _sampling(body, max_tokens, top)
+    prompt = chat_prompt(state.tokenizer, body.messages)
+    response_id = f"chatcmpl-{request.state.request_id}"
+    outputs = await state.inference.run(response_id, [prompt], params, body.n, target, "chat")
+    if body.stream:
+        return StreamingResponse(_chat_chunks(state, outputs, response_id, body), media_type="text/event-stream")
+    choices = await _collect(outputs, body.n)
+    logprobs = fmt.LogprobFormatter(state.tokenizer)
+    return fmt.envelope(response_id, "chat.completion", body.model, [
+        {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+         "logprobs": logprobs.chat(c.logprobs) if body.logprobs else None}
+        for i, c in enumerate(choices)
+    ], _usage(choices, body.n))
+
+
+async def _chat_chunks(state: AppState, outputs: AsyncIterator[ChoiceOutput], response_id: str,
+                       body: ChatCompletionRequest) -> AsyncIterator[str]:
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        return fmt.sse(fmt.envelope(response_id, "chat.completion.chunk", body.model, choices, usage))
+
+    choices = [_Choice() for _ in range(body.n)]
+    logprobs = fmt.LogprobFormatter(state.tokenizer)
+    for i in range(body.n):
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+    async for item in outputs:
+        out = item.output
+        choices[item.index].prompt_tokens = out.prompt_tokens
+        choices[item.index].completion_tokens = out.completion_tokens
+        if out.text or out.logprobs:
+            yield chunk([{"index": item.index, "delta": {"content": out.text}, "finish_reason": None,
+                          "logprobs": logprobs.chat(out.logprobs) if body.logprobs else None}])
+        if out.finished:
+            yield chunk([{"index": item.index, "delta": {}, "logprobs": None,
+                          "finish_reason": out.finish_reason.value}])
+    if body.stream_options and body.stream_options.include_usage:
+        yield chunk([], _usage(choices, body.n))
+    yield fmt.sse("[DONE]")

@@ -1,0 +1,32 @@
+"""Everything the routes share, built once in the app's lifespan and hung on `app.state.loraserve`."""
+
+from dataclasses import dataclass
+
+from fastapi import Request
+from transformers import PreTrainedTokenizerBase
+
+from server.api.inference import InferenceService
+from server.api.metrics import Metrics
+from server.api.model_resolver import ModelResolver
+from server.config import Settings
+from server.engine.async_engine import AsyncEngine
+from server.registry.registry import AdapterRegistry
+
+# Chat requests without max_tokens get this many tokens at most (OpenAI would use the context).
+DEFAULT_CHAT_MAX_TOKENS = 256
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: AsyncEngine
+    tokenizer: PreTrainedTokenizerBase
+    registry: AdapterRegistry
+    models: ModelResolver
+    inference: InferenceService
+    metrics: Metrics
+    default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.loraserve

@@ -1,0 +1,263 @@
+"""AdapterRegistry: the one object the app talks to about adapters as data.
+
+Ties the blob store (files), the catalogue (metadata) and the host cache (loaded adapters) together.
+The order of an upload makes it atomic from the outside: stage the bytes to a private temporary,
+validate them fully against the base, commit the blob (one rename), then add the catalogue row. A
+failure before the row leaves nothing visible; a crash between the rename and the row leaves at most an
+unreferenced blob, which is harmless (same content, same key, reused by the next identical upload).
+"""
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+
+from server.errors import AdapterValidationError, LoraserveError
+from server.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, load_lora_adapter
+from server.lora.targets import TargetModule
+from server.registry.blob_store import BlobStore, ByteSource, StagedBlob, key_of_directory
+from server.registry.catalogue import Catalogue
+from server.registry.errors import AdapterNotFoundError, PathNotAllowedError
+from server.registry.host_cache import HostCache
+from server.registry.names import parse_model_ref
+from server.registry.records import AdapterMetadata, AdapterRecord, AdapterSource, AliasRecord, Page
+from server.registry.single_flight import SingleFlight
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = ".loraserve"  # under adapters_dir; discovery skips dot-directories, so never an adapter
+
+
+class Validator(Protocol):
+    """Reads and fully validates a PEFT directory against the base; the adapter is named `name`.
+    Raises AdapterValidationError listing every problem."""
+
+    def __call__(self, directory: Path, name: str) -> LoraAdapter: ...
+
+
+def validator_for(targets: dict[str, TargetModule], *, max_rank: int, dtype: torch.dtype) -> Validator:
+    """The validator the app passes: load_lora_adapter against the engine's targets, rank limit, dtype."""
+
+    def validate(directory: Path, name: str) -> LoraAdapter:
+        return load_lora_adapter(directory, targets, name=name, max_rank=max_rank, dtype=dtype)
+
+    return validate
+
+
+@dataclass(frozen=True)
+class Registration:
+    record: AdapterRecord
+    created: bool  # False: the newest version already held these exact files
+
+
+@dataclass(frozen=True)
+class DiscoveryReport:
+    registered: tuple[AdapterRecord, ...]
+    unchanged: tuple[AdapterRecord, ...]
+    skipped: dict[str, str]  # directory name -> why
+
+
+class AdapterRegistry:
+    """Adapters as data. Thread-safe: the app may call it from worker threads."""
+
+    def __init__(
+        self,
+        adapters_dir: Path,
+        validator: Validator,
+        *,
+        catalogue_url: str | None = None,
+        host_cache_bytes: int = 2 * 1024**3,
+        max_upload_bytes: int = 1024**3,
+    ):
+        """Open (creating if needed) the store under `adapters_dir/.loraserve/`, removing temporaries a
+        crash left. `catalogue_url` defaults to SQLite in `adapters_dir/.loraserve/catalogue.db`."""
+        self.adapters_dir = Path(adapters_dir).resolve()
+        state = self.adapters_dir / STATE_DIR
+        state.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(state)
+        if cleaned := self.blobs.clean_temp():
+            log.info("removed %d temporary upload(s) left by an interrupted run", cleaned)
+        self.catalogue = Catalogue(catalogue_url or f"sqlite:///{state / 'catalogue.db'}")
+        self.cache = HostCache(host_cache_bytes)
+        self.max_upload_bytes = max_upload_bytes
+        self._validate = validator
+        self._loads = SingleFlight()
+
+    def close(self) -> None:
+        self.catalogue.close()
+
+    # ---- adding adapters ------------------------------------------------------------------------
+
+    def upload(self, name: str, description: str, config_file: ByteSource, weights_file: ByteSource,
+               source: AdapterSource = "upload") -> AdapterRecord:
+        """Store a new version of `name` from the two files' bytes (bytes, binary file objects or chunk
+        iterables, read in chunks). Raises InvalidNameError, NameConflictError (name is an alias),
+        UploadTooLargeError, AdapterValidationError; on any of them nothing is stored."""
+        self.catalogue.check_adapter_name(name)  # before reading a large body for nothing
+        staged = self.blobs.stage(config_file, weights_file, self.max_upload_bytes)
+        return self._add(name, staged, description, source)
+
+    def register_directory(self, name: str, path: Path, source: AdapterSource = "disk") -> Registration:
+        """Copy an existing PEFT directory into the store as a new version of `name` (same checks as
+        upload). Idempotent: if the newest live version holds the same files, nothing is added."""
+        self.catalogue.check_adapter_name(name)
+        path = Path(path)
+        missing = [f"{f}: missing in {path}" for f in (CONFIG_FILE, WEIGHTS_FILE) if not (path / f).is_file()]
+        if missing:
+            raise AdapterValidationError(missing)
+        latest = self.catalogue.latest(name)
+        if latest is not None and latest.blob_key == key_of_directory(path):
+            return Registration(latest, created=False)
+        with open(path / CONFIG_FILE, "rb") as config, open(path / WEIGHTS_FILE, "rb") as weights:
+            staged = self.blobs.stage(config, weights, self.max_upload_bytes)
+        return Registration(self._add(name, staged, "", source), created=True)
+
+    def discover(self) -> DiscoveryReport:
+        """Register every subdirectory of adapters_dir (not starting with '.') that holds an
+        adapter_config.json, under the directory's name. Invalid ones are logged and skipped, never
+        fatal. A directory whose files equal its name's newest version, deleted through the API, is
+        skipped too: deleting must not be undone by a restart."""
+        registered, unchanged, skipped = [], [], {}
+        for entry in sorted(self.adapters_dir.iterdir()):
+            if entry.name.startswith(".") or not (entry / CONFIG_FILE).is_file():
+                continue
+            try:
+                if self._deleted_through_api(entry):
+                    skipped[entry.name] = "deleted through the API; change the directory to add it again"
+                    continue
+                registration = self.register_directory(entry.name, entry, source="disk")
+            except (LoraserveError, OSError) as exc:
+                skipped[entry.name] = str(exc)
+                log.warning("adapter directory %s skipped: %s", entry, exc)
+                continue
+            (registered if registration.created else unchanged).append(registration.record)
+        return DiscoveryReport(tuple(registered), tuple(unchanged), skipped)
+
+    def load_from_path(self, name: str, path: str | Path) -> AdapterRecord:
+        """vLLM's `load_lora_adapter`: register a directory given by a client. `path` is taken relative
+        to adapters_dir; PathNotAllowedError if it, or either adapter file, resolves (after symlinks)
+        outside adapters_dir."""
+        directory = (self.adapters_dir / path).resolve()  # an absolute `path` replaces the base
+        resolved = [directory, *((directory / f).resolve() for f in (CONFIG_FILE, WEIGHTS_FILE))]
+        if directory == self.adapters_dir or not all(p.is_relative_to(self.adapters_dir) for p in resolved):
+            raise PathNotAllowedError(f"{str(path)!r}: adapters load only from inside the adapters directory")
+        return self.register_directory(name, directory, source="disk").record
+
+    # ---- reading --------------------------------------------------------------------------------
+
+    def resolve(self, model: str) -> AdapterRecord:
+        """alias -> its version, `name@version` -> that version, `name` -> the newest live version.
+        AdapterNotFoundError for unknown or deleted ones."""
+        return self.catalogue.resolve(model)
+
+    def load(self, record: AdapterRecord) -> LoraAdapter:
+        """The validated adapter of `record`, named `record.key`: from the host cache, or read from the
+        blob store and validated. Blocking (run it in a worker thread); concurrent loads of one key do
+        the work once."""
+        adapter = self.cache.get(record.key)
+        if adapter is not None:
+            return adapter
+        return self._loads.run(record.key, lambda: self._read(record))
+
+    def get(self, name: str) -> list[AdapterRecord]:
+        """Every live version of `name`, oldest first; AdapterNotFoundError if there is none."""
+        versions = self.catalogue.versions(name)
+        if not versions:
+            raise AdapterNotFoundError(f"adapter {name!r} not found")
+        return versions
+
+    def tier_of(self, key: str) -> Literal["host", "disk"]:
+        """Where the adapter `name@version` lives closest to the device, as far as the registry knows."""
+        return "host" if key in self.cache else "disk"
+
+    # ---- deleting and aliases -------------------------------------------------------------------
+
+    def delete(self, name: str, version: int | None = None) -> list[AdapterRecord]:
+        """Soft-delete one version or all live versions of `name` and drop them from the host cache
+        (the engine's device copies are the app's to drop). AdapterNotFoundError if none was live."""
+        deleted = self.catalogue.delete(name, version)
+        for record in deleted:
+            self.cache.evict(record.key)
+        return deleted
+
+    def set_alias(self, alias: str, target: str) -> AliasRecord:
+        """Point `alias` at `name@version`, or at the newest live version for a bare `name` (pinned
+        then: later versions do not move it)."""
+        ref = parse_model_ref(target)
+        return self.catalogue.set_alias(alias, ref.name, ref.version)
+
+    def get_alias(self, alias: str) -> AliasRecord:
+        return self.catalogue.get_alias(alias)
+
+    def delete_alias(self, alias: str) -> AliasRecord:
+        return self.catalogue.delete_alias(alias)
+
+    def list_aliases(self) -> list[AliasRecord]:
+        return self.catalogue.list_aliases()
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _add(self, name: str, staged: StagedBlob, description: str, source: AdapterSource) -> AdapterRecord:
+        try:
+            adapter = self._validate(staged.directory, name=name)
+            self.blobs.commit(staged)
+        finally:
+            self.blobs.discard(staged)  # after a commit the temporary is already gone
+        record = self.catalogue.add_version(name, _metadata(adapter, staged, description, source))
+        # The version is known only now: rename the validated adapter to the key the engine uses.
+        self.cache.put(replace(adapter, name=record.key))
+        return record
+
+    def _read(self, record: AdapterRecord) -> LoraAdapter:
+        cached = self.cache.peek(record.key)  # a load that finished since our miss left it here
+        if cached is not None:
+            return cached
+        started = time.perf_counter()
+        adapter = self._validate(self.blobs.path(record.blob_key), name=record.key)
+        self.cache.record_load(time.perf_counter() - started)
+        self.cache.put(adapter)
+        return adapter
+
+    def _deleted_through_api(self, directory: Path) -> bool:
+        newest = self.catalogue.latest(directory.name, include_deleted=True)
+        return newest is not None and newest.deleted and newest.blob_key == key_of_directory(directory)
+
+    # Last in the class body: a method named `list` would shadow the builtin in later annotations.
+    def list(self, limit: int = 50, offset: int = 0) -> Page:
+        """Adapter names with their live versions, ordered by name, one page of them and the total."""
+        return self.catalogue.list_adapters(limit, offset)
+
+
+    def latest_versions(self) -> "list[AdapterRecord]":  # `list` is a method name in this class
+        """The newest live version of every adapter, by name."""
+        records, offset = [], 0
+        while True:
+            page = self.catalogue.list_adapters(limit=500, offset=offset)
+            records += [summary.latest for summary in page.items]
+            offset += len(page.items)
+            if not page.items or offset >= page.total:
+                return records
+
+def _metadata(
+    adapter: LoraAdapter, staged: StagedBlob, description: str, source: AdapterSource
+) -> AdapterMetadata:
+    """What the catalogue keeps about a validated adapter. A is (r, d_in) and B is (d_out, r), so the
+    adapted base matrix has d_in·d_out parameters."""
+    weights = adapter.modules.values()
+    return AdapterMetadata(
+        blob_key=staged.key,
+        weights_sha256=staged.weights_sha256,
+        description=description,
+        rank=adapter.max_rank,
+        alpha=adapter.spec.lora_alpha,
+        target_modules=tuple(sorted({module.rsplit(".", 1)[-1] for module in adapter.modules})),
+        use_dora=adapter.spec.use_dora,
+        use_rslora=adapter.spec.use_rslora,
+        trainable_params=adapter.trainable_parameters,
+        adapted_base_params=sum(w.lora_a.shape[1] * w.lora_b.shape[0] for w in weights),
+        size_bytes=staged.size_bytes,
+        source=source,
+    )
