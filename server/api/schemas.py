@@ -23,7 +23,7 @@ class _SamplingFields(_Request):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = None
     user: str | None = None
     ignore_eos: bool = Field(False, description="loraserve extension: keep generating past EOS")
