@@ -29,20 +29,21 @@ GPT2_ADAPTERS = {
 }
 
 
+def _engine_with(base_dir, factory, adapters: dict):
+    engine = make_engine(base_dir)
+    for name, kwargs in adapters.items():
+        engine.load_adapter(name, factory(name, **kwargs))
+    return engine
+
+
 @pytest.fixture(scope="module")
 def llama_engine(llama_dir, llama_adapters):
-    engine = make_engine(llama_dir)
-    for name, kwargs in LLAMA_ADAPTERS.items():
-        engine.load_adapter(name, llama_adapters(name, **kwargs))
-    return engine
+    return _engine_with(llama_dir, llama_adapters, LLAMA_ADAPTERS)
 
 
 @pytest.fixture(scope="module")
 def gpt2_engine(gpt2_dir, gpt2_adapters):
-    engine = make_engine(gpt2_dir)
-    for name, kwargs in GPT2_ADAPTERS.items():
-        engine.load_adapter(name, gpt2_adapters(name, **kwargs))
-    return engine
+    return _engine_with(gpt2_dir, gpt2_adapters, GPT2_ADAPTERS)
 
 
 def _alone(engine, prompt, adapter):
