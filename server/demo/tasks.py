@@ -1,0 +1,64 @@
+"""The demo's string tasks: the base copies its input; each adapter transforms the copy visibly.
+
+A prompt is the text and a newline (`"hello world\n"`); the answer is the (transformed) text, then EOS.
+"""
+
+import codecs
+import random
+import string
+import zlib
+from collections.abc import Callable, Iterator
+
+ALPHABET = string.ascii_lowercase + " "
+MIN_LEN, MAX_LEN = 3, 16
+SEPARATOR = "\n"
+
+# The base's task, then one per adapter: what each one does to the text.
+BASE_TASK = "copy"
+TASKS: dict[str, Callable[[str], str]] = {
+    "copy": lambda text: text,
+    "reverse": lambda text: text[::-1],
+    "upper": str.upper,
+    "rot13": lambda text: codecs.encode(text, "rot13"),
+}
+ADAPTER_TASKS = [name for name in TASKS if name != BASE_TASK]
+
+
+def prompt(text: str) -> str:
+    return text + SEPARATOR
+
+
+def answer(task: str, text: str) -> str:
+    return TASKS[task](text)
+
+
+def is_held_out(text: str) -> bool:
+    """A fixed 1-in-8 slice of all strings, by hash: never trained on, whatever the seed or step count."""
+    return zlib.crc32(text.encode()) % 8 == 0
+
+
+def _random_text(rng: random.Random) -> str:
+    # No leading/trailing/double spaces: a copy of "  a" is hard to judge by eye, and never needed.
+    while True:
+        text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(MIN_LEN, MAX_LEN)))
+        if text == " ".join(text.split()) and len(text) >= MIN_LEN:
+            return text
+
+
+def training_texts(seed: int) -> Iterator[str]:
+    """An endless stream of training strings, none of them held out."""
+    rng = random.Random(seed)
+    while True:
+        text = _random_text(rng)
+        if not is_held_out(text):
+            yield text
+
+
+def held_out_texts(count: int, seed: int = 1234) -> list[str]:
+    """`count` distinct held-out strings (disjoint from every training stream by construction)."""
+    rng, found = random.Random(seed), {}
+    while len(found) < count:
+        text = _random_text(rng)
+        if is_held_out(text):
+            found[text] = None
+    return list(found)
