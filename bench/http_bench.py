@@ -1,0 +1,244 @@
+"""The HTTP layer's cost: the same workload through the engine directly and through a real server.
+
+One run, side by side and interleaved: a random Llama and 8 PEFT adapters; 64 concurrent greedy
+requests over the adapters, measured (a) with LLMEngine.generate in this process and (b) as streaming
+/v1/completions against `loraserve serve` in a subprocess on loopback (the client runs here, on the
+same cores, as a co-located caller would). Then the time from uploading a new adapter to its first
+served token. See docs/bench-http.md.
+
+    python -m bench.http_bench            # about 3 minutes on 2 cores
+    python -m bench.http_bench --quick    # tiny model, smoke test
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+
+from server.config import Settings
+from server.engine.engine import LLMEngine
+from server.engine.model_loader import load_base_model, load_tokenizer
+from server.engine.sequence import SamplingParams
+from tests.factories import build_model, llama_config, make_adapter, save_model
+from tests.server_harness import free_port
+
+RESULTS_DIR = Path(__file__).parent / "results"
+GOAL_MAX_LOSS = 0.10  # HTTP may cost at most 10% of the engine's throughput
+FULL = dict(hidden=768, intermediate=2048, layers=10, heads=12, kv_heads=4, adapters=8, requests=64,
+            max_tokens=32, repeats=3)
+QUICK = dict(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, adapters=4, requests=16,
+             max_tokens=8, repeats=2)
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompts: list[str]
+    models: list[str]  # adapter names, per request
+    max_tokens: int
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def build(root: Path, shape: dict) -> tuple[Path, Path]:
+    """A random base and `adapters` PEFT adapters (ranks 8/16/32, q/k/v/o) in an adapters directory."""
+    config = llama_config(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                          num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                          num_key_value_heads=shape["kv_heads"], max_position_embeddings=512)
+    base_dir = save_model(build_model(config, std=0.02), root / "base")
+    store = root / "adapters"
+    for i in range(shape["adapters"]):
+        log(f"adapter {i + 1}/{shape['adapters']}")
+        make_adapter(base_dir, store / f"a{i:02d}", seed=i, r=(8, 16, 32)[i % 3], lora_alpha=16,
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    return base_dir, store
+
+
+def workload(shape: dict) -> Workload:
+    rng = random.Random(0)
+    prompts = ["".join(rng.choice("abcdefghij klmnop") for _ in range(rng.randint(16, 32)))
+               for _ in range(shape["requests"])]
+    models = [f"a{i % shape['adapters']:02d}" for i in range(shape["requests"])]
+    return Workload(prompts, models, shape["max_tokens"])
+
+
+def settings(base_dir: Path, store: Path, port: int = 8000) -> Settings:
+    return Settings(model=base_dir, adapters_dir=store, dtype="float32", device="cpu", port=port,
+                    kv_cache_memory=2 * 1024**3, max_loras=32, max_lora_rank=32, max_num_seqs=64,
+                    max_batch_tokens=4096, served_model_name="base", log_format="text")
+
+
+def engine_round(engine: LLMEngine, work: Workload) -> tuple[float, int]:
+    params = SamplingParams(max_tokens=work.max_tokens, temperature=0, ignore_eos=True)
+    started = time.perf_counter()
+    results = engine.generate(work.prompts, params, work.models)
+    return time.perf_counter() - started, sum(len(r.token_ids) for r in results)
+
+
+async def _stream_one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> int:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {") and '"usage"' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    return tokens
+
+
+async def http_round(url: str, work: Workload) -> tuple[float, int]:
+    limits = httpx.Limits(max_connections=len(work.prompts) + 1)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        started = time.perf_counter()
+        counts = await asyncio.gather(*(_stream_one(client, m, p, work.max_tokens)
+                                        for m, p in zip(work.models, work.prompts)))
+        return time.perf_counter() - started, sum(counts)
+
+
+async def upload_to_first_token(url: str, adapter_dir: Path) -> dict:
+    """Upload a PEFT adapter the server has never seen, then time its first streamed token."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        files = {name: (name, (adapter_dir / name).read_bytes())
+                 for name in ("adapter_config.json", "adapter_model.safetensors")}
+        started = time.perf_counter()
+        response = await client.post("/v1/adapters", data={"name": "cold"}, files=files)
+        response.raise_for_status()
+        uploaded = time.perf_counter()
+        body = {"model": "cold", "prompt": "cold start", "max_tokens": 4, "temperature": 0, "stream": True}
+        async with client.stream("POST", "/v1/completions", json=body) as stream:
+            async for line in stream.aiter_lines():
+                if line.startswith("data: {"):
+                    break
+        first = time.perf_counter()
+    return {"upload_s": uploaded - started, "first_token_after_upload_s": first - uploaded,
+            "upload_to_first_token_s": first - started}
+
+
+class ServerProcess:
+    """`loraserve serve` in a subprocess, on a free loopback port."""
+
+    def __init__(self, base_dir: Path, store: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, **{f"LORASERVE_{k.upper()}": str(v) for k, v in {
+            "kv_cache_memory": 2 * 1024**3, "max_loras": 32, "max_lora_rank": 32, "max_num_seqs": 64,
+            "max_batch_tokens": 4096, "dtype": "float32", "device": "cpu", "log_format": "text"}.items()}}
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--model", str(base_dir), "--adapters-dir", str(store),
+             "--port", str(self.port), "--served-model-name", "base"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def __enter__(self) -> "ServerProcess":
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self._process.poll() is not None:
+                raise RuntimeError("the server exited during start-up")
+            time.sleep(0.5)
+        raise RuntimeError("the server did not become ready")
+
+    def __exit__(self, *exc) -> None:
+        self._process.terminate()
+        self._process.wait(timeout=60)
+
+
+def report(rounds: dict[str, list[tuple[float, int]]], cold: dict, shape: dict) -> dict:
+    best = {name: max(tokens / seconds for seconds, tokens in runs) for name, runs in rounds.items()}
+    ratio = best["http"] / best["engine"]
+    return {
+        "command": "python -m bench.http_bench" + (" --quick" if shape is QUICK else ""),
+        "shape": shape,
+        "rounds": {name: [{"seconds": s, "tokens": t, "tokens_per_s": t / s} for s, t in runs]
+                   for name, runs in rounds.items()},
+        "engine_tokens_per_s": best["engine"],
+        "http_tokens_per_s": best["http"],
+        "http_vs_engine": ratio,
+        "goal": {"max_loss": GOAL_MAX_LOSS, "met": ratio >= 1 - GOAL_MAX_LOSS},
+        "cold_adapter": cold,
+    }
+
+
+def print_report(result: dict) -> None:
+    print()
+    print(f"{'configuration':<28}{'tokens/s':>10}{'ratio':>8}")
+    print(f"{'engine, direct':<28}{result['engine_tokens_per_s']:>10.1f}{1.0:>8.3f}")
+    print(f"{'HTTP, streaming':<28}{result['http_tokens_per_s']:>10.1f}{result['http_vs_engine']:>8.3f}")
+    goal = result["goal"]
+    print(f"goal: HTTP >= {1 - goal['max_loss']:.2f}x the engine: {'met' if goal['met'] else 'NOT met'}")
+    cold = result["cold_adapter"]
+    print(f"cold adapter: upload {cold['upload_s'] * 1000:.0f} ms, first token {cold['first_token_after_upload_s'] * 1000:.0f} ms "
+          f"after it, {cold['upload_to_first_token_s'] * 1000:.0f} ms in all")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    values = [result["engine_tokens_per_s"], result["http_tokens_per_s"]]
+    ax.bar(["engine, direct", "HTTP, streaming"], values, color=["#4c72b0", "#dd8452"])
+    ax.axhline(values[0] * (1 - GOAL_MAX_LOSS), color="grey", linestyle="--", label="goal: 0.90x engine")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"HTTP overhead: {result['http_vs_engine']:.3f}x the engine")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model, seconds instead of minutes")
+    args = parser.parse_args(argv)
+    shape = QUICK if args.quick else FULL
+    out = RESULTS_DIR / ("quick" if args.quick else "")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        log("building the model and adapters")
+        base_dir, store = build(Path(tmp), shape)
+        cold_dir = make_adapter(base_dir, Path(tmp) / "cold", seed=999, r=16, lora_alpha=16)
+        work = workload(shape)
+        engine = LLMEngine(load_base_model(base_dir, torch.float32, torch.device("cpu")), load_tokenizer(base_dir),
+                           settings(base_dir, store))
+        for i in range(shape["adapters"]):
+            engine.load_adapter(f"a{i:02d}", store / f"a{i:02d}")
+        rounds: dict[str, list[tuple[float, int]]] = {"engine": [], "http": []}
+        with ServerProcess(base_dir, store) as server:
+            log("warming up both paths")
+            engine_round(engine, work)
+            asyncio.run(http_round(server.url, work))
+            for r in range(shape["repeats"]):  # interleaved: noise hits both alike
+                rounds["engine"].append(engine_round(engine, work))
+                rounds["http"].append(asyncio.run(http_round(server.url, work)))
+                log(f"round {r + 1}/{shape['repeats']}: engine {rounds['engine'][-1][0]:.2f}s, "
+                    f"http {rounds['http'][-1][0]:.2f}s")
+            cold = asyncio.run(upload_to_first_token(server.url, cold_dir))
+    result = report(rounds, cold, shape)
+    print_report(result)
+    (out / "http_bench.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / "http_bench.png")
+    log(f"wrote {out / 'http_bench.json'} and {out / 'http_bench.png'}")
+
+
+if __name__ == "__main__":
+    main()
