@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     kv_cache_memory: ByteSize = Field(ByteSize(512 * 1024**2), description="Bytes for the KV cache.")
     kv_block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
 
+    # Merged copies of popular adapters
+    merged_budget: ByteSize = Field(ByteSize(512 * 1024**2), description="Bytes of merged weights; 0 = off.")
+    merge_promote_share: float = Field(0.5, gt=0, description="Share of recent tokens that earns a merged copy.")
+    merge_demote_share: float = Field(0.25, ge=0, description="Share below which a merged copy is dropped.")
+
     # Adapters as data
     adapters_dir: Path = Field(Path("adapters"), description="Adapter store: hand-placed PEFT dirs and blobs.")
     catalogue_url: str | None = Field(None, description="SQLAlchemy URL (default: SQLite in adapters_dir).")

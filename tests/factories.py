@@ -94,7 +94,7 @@ def make_engine(model_dir: Path, **settings) -> LLMEngine:
     from server.engine.model_loader import load_base_model
 
     values = dict(model=model_dir, dtype="float32", device="cpu", kv_cache_memory=32 * 1024**2, max_loras=16,
-                  max_lora_rank=64, max_num_seqs=64)
+                  max_lora_rank=64, max_num_seqs=64, merged_budget=0)
     values.update(settings)
     config = Settings(**values)
     model = load_base_model(model_dir, torch.float32, torch.device("cpu"))

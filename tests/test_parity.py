@@ -30,7 +30,8 @@ GPT2_ADAPTERS = {
 
 
 def _engine_with(base_dir, factory, adapters: dict):
-    engine = make_engine(base_dir)
+    # merged copies only when pinned: automatic promotion would make these tests about the merged path
+    engine = make_engine(base_dir, merged_budget=64 * 1024**2, merge_promote_share=2.0)
     for name, kwargs in adapters.items():
         engine.load_adapter(name, factory(name, **kwargs))
     return engine
@@ -103,13 +104,14 @@ def test_merged_copy_matches_peft_merge_and_unload(request, engine_name, adapter
     base_dir = request.getfixturevalue(engine_name.replace("engine", "dir"))
     adapter_dir = request.getfixturevalue(engine_name.replace("engine", "adapters"))(name, **adapters[name])
     unmerged = _alone(engine, PROMPTS[0], name)
-    engine.merge(name)
+    engine.pin_merged(name)
+    engine.merges.wait_for_builds()
     try:
         steps_before = engine.runner.merged_steps
         merged = _alone(engine, PROMPTS[0], name)
         assert engine.runner.merged_steps - steps_before == MAX_NEW, "the merged weights were not used"
     finally:
-        engine.unmerge(name)
+        engine.unpin_merged(name)
     assert merged == unmerged == reference_greedy(base_dir, PROMPTS[0], MAX_NEW, adapter_dir, merge=True)
 
 

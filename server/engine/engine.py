@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from server.config import Settings
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.kv_cache import PagedKVCache
+from server.engine.merging import MergeManager, MergePolicy
 from server.engine.model_loader import (
     kv_shape,
     load_base_model,
@@ -28,7 +29,6 @@ from server.engine.sequence import FinishReason, SamplingParams, Sequence
 from server.errors import CapacityError, RequestTooLargeError, UnknownAdapterError
 from server.lora.adapter import LoraAdapter, load_lora_adapter
 from server.lora.layer import LoraBatch, wrap_target_modules
-from server.lora.merge import merge_adapter
 from server.lora.slots import LoraSlotPool
 from server.lora.targets import find_target_modules
 
@@ -82,7 +82,11 @@ class LLMEngine:
         )
         limits = SchedulerLimits(settings.max_num_seqs, settings.max_batch_tokens, settings.max_queue)
         self.scheduler = Scheduler(limits, self.kv_cache.allocator, self.slots)
-        self.runner = ModelRunner(model, self.kv_cache, self.slots, lora_batch, self.device)
+        self.merges = MergeManager(
+            MergePolicy(int(settings.merged_budget), settings.merge_promote_share, settings.merge_demote_share),
+            self.targets,
+        )
+        self.runner = ModelRunner(model, self.kv_cache, self.slots, lora_batch, self.merges.merged, self.device)
         self.adapters: dict[str, LoraAdapter] = {}
         self._requests: dict[str, _Tracked] = {}
         self._eos_ids = _eos_token_ids(model, tokenizer)
@@ -115,16 +119,19 @@ class LLMEngine:
         if self.adapter_in_use(name):
             return False
         self.slots.evict(name)
-        self.runner.merged.pop(name, None)
+        self.merges.forget(name)
         self.adapters.pop(name, None)
         return True
 
-    def merge(self, name: str) -> None:
-        """Build a merged copy; batches made only of this adapter's tokens then run on it."""
-        self.runner.merged[name] = merge_adapter(self._adapter(name), self.targets)
+    def pin_merged(self, adapter: str | LoraAdapter) -> None:
+        """Keep a merged copy of this adapter whatever its traffic (built off the serving loop)."""
+        self.merges.pin(self._adapter(adapter) if isinstance(adapter, str) else adapter)
 
-    def unmerge(self, name: str) -> None:
-        self.runner.merged.pop(name, None)
+    def unpin_merged(self, name: str) -> None:
+        """Let traffic decide again; the copy is dropped now if the adapter is not hot enough."""
+        self.merges.unpin(name)
+        if self.merges.traffic.share(name) < self.merges.policy.promote_share:
+            self.merges.demote(name, "unpinned")
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -169,6 +176,7 @@ class LLMEngine:
             logprobs = [token_logprobs(logits[i], token, seq.params.logprobs)] if seq.params.logprobs is not None else []
             outputs.append(self._postprocess(self._requests[seq.request_id], token, logprobs))
         self.tokens_generated += len(seqs)
+        self._observe_traffic(seqs)
         return outputs
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
@@ -211,6 +219,15 @@ class LLMEngine:
             raise RequestTooLargeError(
                 f"prompt + max_tokens ({total} tokens) exceeds the KV cache ({self.kv_cache.capacity_tokens} tokens)"
             )
+
+    def _observe_traffic(self, seqs: list[Sequence]) -> None:
+        tokens: dict[str | None, int] = {}
+        adapters = {}
+        for seq in seqs:
+            tokens[seq.adapter_name] = tokens.get(seq.adapter_name, 0) + 1
+            if seq.adapter is not None:
+                adapters[seq.adapter.name] = seq.adapter
+        self.merges.observe(tokens, adapters)
 
     def _postprocess(self, tracked: _Tracked, token: int, logprobs: list[TokenLogprobs]) -> RequestOutput:
         seq = tracked.seq

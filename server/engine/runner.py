@@ -4,6 +4,8 @@ Sequences are ordered by adapter slot so each adapter's tokens are contiguous (t
 path then needs one matmul pair per long run and one bmm pair for all short runs).
 """
 
+from collections import Counter
+
 import torch
 from torch import nn
 
@@ -12,7 +14,7 @@ from server.engine.kv_cache import PagedKVCache
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.lora.layer import LoraBatch
-from server.lora.ops import plan_runs
+from server.lora.ops import Run, plan_runs
 from server.lora.slots import LoraSlotPool
 
 NO_SLOT = -1
@@ -22,16 +24,17 @@ LONG_RUN_MIN_TOKENS = 8
 
 class ModelRunner:
     def __init__(self, model: nn.Module, kv_cache: PagedKVCache, slots: LoraSlotPool, lora_batch: LoraBatch,
-                 device: torch.device):
+                 merged: dict[str, dict[str, torch.Tensor]], device: torch.device):
         self.model = model
         self.kv_cache = kv_cache
         self.slots = slots
         self.lora_batch = lora_batch
         self.device = device
         self.block_size = kv_cache.allocator.block_size
-        # Merged copies the runner may use: adapter name -> module name -> merged weight.
-        self.merged: dict[str, dict[str, torch.Tensor]] = {}
+        # Merged copies the runner may use (owned by the engine's MergeManager): adapter -> module -> weight.
+        self.merged: dict[str, dict[str, torch.Tensor]] = merged
         self.merged_steps = 0  # forward passes served entirely from a merged copy
+        self.mixed_merged_steps = 0  # on a merged copy, other adapters' tokens corrected by ±Δ
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
@@ -96,15 +99,42 @@ class ModelRunner:
         )
 
     def _prepare_lora(self, seqs: list[Sequence], tokens_per_seq: list[int]) -> None:
-        adapters = {seq.adapter_name for seq in seqs}
-        if len(adapters) == 1 and (name := adapters.pop()) in self.merged:
-            self.lora_batch.merged = self.merged[name]  # one merged adapter: plain base-speed forward
-            self.merged_steps += 1
-            return
         token_slots = [slot for seq, n in zip(seqs, tokens_per_seq) for slot in [self._slot_of(seq)] * n]
-        plan = plan_runs(token_slots, LONG_RUN_MIN_TOKENS, self.device)
+        subtract: tuple[Run, ...] = ()
+        merged = self._choose_merged(seqs, tokens_per_seq)
+        if merged is not None:
+            name, merged_slot = merged
+            self.lora_batch.merged = self.merged[name]
+            own = [i for i, s in enumerate(token_slots) if s == merged_slot]  # contiguous: sorted by slot
+            start, end = own[0], own[-1] + 1
+            subtract = tuple(Run(a, b, merged_slot) for a, b in ((0, start), (end, len(token_slots))) if b > a)
+            token_slots = [NO_SLOT if s == merged_slot else s for s in token_slots]
+            self.merged_steps += not subtract
+            self.mixed_merged_steps += bool(subtract)
+        plan = plan_runs(token_slots, LONG_RUN_MIN_TOKENS, self.device, subtract)
         self.lora_batch.plan = plan if plan.has_lora else None
         if any(self.slots.uses_dora(seq.adapter_name) for seq in seqs if seq.adapter is not None):
             no_adapter_row = self.slots.num_slots
             rows = [no_adapter_row if s == NO_SLOT else s for s in token_slots]
             self.lora_batch.dora_rows = self._tensor(rows)
+
+    def _choose_merged(self, seqs: list[Sequence], tokens_per_seq: list[int]) -> tuple[str, int] | None:
+        """The merged adapter this step runs on, with its slot, or None for the base weights.
+
+        A step made only of one merged adapter's tokens runs on its copy with no LoRA work at all. A mixed
+        step runs on the copy of its dominant merged adapter when that adapter holds at least half the
+        tokens (so subtracting its delta from the others costs less than it saves) and no DoRA adapter
+        is in the step (DoRA's per-channel factor does not commute with the subtraction)."""
+        tokens: Counter[str | None] = Counter()
+        for seq, n in zip(seqs, tokens_per_seq):
+            tokens[seq.adapter_name] += n
+        candidates = [name for name in tokens if name in self.merged]
+        if not candidates:
+            return None
+        name = max(candidates, key=tokens.__getitem__)
+        slot = self.slots.slot_of(name)  # running sequences hold their adapter's slot
+        if len(tokens) == 1:
+            return name, slot
+        mixed_ok = (2 * tokens[name] >= sum(tokens.values())
+                    and not any(self.slots.uses_dora(n) for n in tokens if n is not None))
+        return (name, slot) if mixed_ok else None

@@ -49,17 +49,23 @@ class PaddedRuns:
 
 @dataclass(frozen=True)
 class LoraPlan:
-    """How one forward pass applies adapters; built once per step, read by every LoRA layer."""
+    """How one forward pass applies adapters; built once per step, read by every LoRA layer.
+
+    `subtract` runs take their slot's delta away: when the step runs on a merged copy W + Δm, the
+    other tokens get W + Δs by adding their own Δs and subtracting Δm (both low rank).
+    """
 
     long_runs: tuple[Run, ...]
     padded: PaddedRuns | None
+    subtract: tuple[Run, ...] = ()
 
     @property
     def has_lora(self) -> bool:
-        return bool(self.long_runs) or self.padded is not None
+        return bool(self.long_runs) or self.padded is not None or bool(self.subtract)
 
 
-def plan_runs(token_slots: list[int], long_run_min: int, device: torch.device) -> LoraPlan:
+def plan_runs(token_slots: list[int], long_run_min: int, device: torch.device,
+              subtract: tuple[Run, ...] = ()) -> LoraPlan:
     """Split the per-token slots (adapter tokens contiguous; -1 = no adapter) into long and padded runs."""
     runs = []
     start = 0
@@ -70,7 +76,8 @@ def plan_runs(token_slots: list[int], long_run_min: int, device: torch.device) -
             start = t
     long_runs = tuple(r for r in runs if r.end - r.start >= long_run_min)
     short = [r for r in runs if r.end - r.start < long_run_min]
-    return LoraPlan(long_runs=long_runs, padded=_pad_short_runs(short, device) if short else None)
+    return LoraPlan(long_runs=long_runs, padded=_pad_short_runs(short, device) if short else None,
+                    subtract=subtract)
 
 
 def _pad_short_runs(runs: list[Run], device: torch.device) -> PaddedRuns:
@@ -96,11 +103,12 @@ def _pad_short_runs(runs: list[Run], device: torch.device) -> PaddedRuns:
 def add_lora(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
              slot_ranks: list[int], rank_cap: int, plan: LoraPlan) -> None:
     """out (T, d_out) += each token's own low-rank delta, in place. `rank_cap` bounds the padded rank."""
-    for run in plan.long_runs:
-        rank = slot_ranks[run.slot]
-        if rank:
-            shrunk = x[run.start:run.end] @ lora_a[run.slot, :, :rank]
-            out[run.start:run.end].addmm_(shrunk, lora_b[run.slot, :rank])
+    for runs, sign in ((plan.long_runs, 1), (plan.subtract, -1)):
+        for run in runs:
+            rank = slot_ranks[run.slot]
+            if rank:
+                shrunk = x[run.start:run.end] @ lora_a[run.slot, :, :rank]
+                out[run.start:run.end].addmm_(shrunk, lora_b[run.slot, :rank], alpha=sign)
     padded = plan.padded
     if padded is not None and rank_cap:
         groups = padded.slot_hi - padded.slot_lo + 1
