@@ -141,3 +141,22 @@ def test_warm_cool_and_queue_full(llama_dir, sources, tmp_path):
         busy = _complete(url, "base")  # max_queue=0: nothing may wait
         assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
         assert busy.json()["error"]["code"] == "server_busy"
+
+
+def test_pin_and_unpin_a_merged_copy(llama_dir, sources, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    with RunningServer(_settings(llama_dir, store, merged_budget=16 * 1024**2)) as server:
+        url = server.url
+        assert _upload(url, "pinme", sources["v1"]).status_code == 201
+        unmerged = _text(url, "pinme")
+        pinned = httpx.post(url + "/v1/adapters/pinme/merge").json()
+        assert pinned["merge"]["pinned"] is True
+        server.state.engine.call(server.state.engine.engine.merges.wait_for_builds).result()
+        detail = httpx.get(url + "/v1/adapters/pinme").json()
+        assert detail["resident"] == "merged" and detail["merge"]["events"][0]["action"] == "promote"
+        assert _text(url, "pinme") == unmerged
+        assert "loraserve_merge_promotions_total 1.0" in httpx.get(url + "/metrics").text
+        unpinned = httpx.delete(url + "/v1/adapters/pinme/merge").json()
+        assert unpinned["merge"]["pinned"] is False
+        assert httpx.post(url + "/v1/adapters/base/merge").status_code == 400

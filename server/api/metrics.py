@@ -46,7 +46,16 @@ class _EngineCollector:
         yield _gauge("loraserve_running_batch_size", "Sequences in the running batch.", len(scheduler.running))
         yield _gauge("loraserve_kv_cache_usage_ratio", "Share of KV-cache blocks in use.", engine.kv_cache.allocator.usage)
         yield _gauge("loraserve_device_adapters", "Adapters resident in device slots.", len(slots.resident))
-        yield _gauge("loraserve_merged_adapters", "Adapters with a merged copy.", len(engine.runner.merged))
+        merges = engine.merges
+        yield _gauge("loraserve_merged_adapters", "Adapters with a merged copy.", len(merges.merged))
+        yield _gauge("loraserve_merged_bytes", "Bytes held by merged copies.", merges.used_bytes)
+        yield _counter("loraserve_merge_promotions", "Merged copies installed.", merges.promotions)
+        yield _counter("loraserve_merge_demotions", "Merged copies dropped.", merges.demotions)
+        shares = GaugeMetricFamily("loraserve_adapter_traffic_share", "Decayed share of recent tokens.",
+                                   labels=["adapter"])
+        for name, share in merges.traffic.shares.items():
+            shares.add_metric([name], share)
+        yield shares
         yield _counter("loraserve_device_adapter_loads", "Adapter loads into device slots.", slots.loads)
         yield _counter("loraserve_device_adapter_evictions", "Adapters evicted from device slots.", slots.evictions)
         yield _counter("loraserve_device_adapter_load_seconds", "Time spent loading adapters into slots.",
@@ -54,6 +63,8 @@ class _EngineCollector:
         yield _counter("loraserve_preemptions", "Sequences preempted for lack of KV cache.", scheduler.preemptions)
         yield _counter("loraserve_merged_steps", "Forward passes run entirely on merged weights.",
                        engine.runner.merged_steps)
+        yield _counter("loraserve_mixed_merged_steps", "Forward passes on a merged copy with other adapters.",
+                       engine.runner.mixed_merged_steps)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -29,7 +29,7 @@ class UnloadLoraBody(BaseModel):
 
 def _residency(state: AppState, key: str) -> str:
     engine = state.engine.engine
-    if key in engine.runner.merged:
+    if key in engine.merges.merged:
         return "merged"
     if engine.slots.slot_of(key) is not None:
         return "device"
@@ -55,7 +55,19 @@ def _version_json(state: AppState, record: AdapterRecord) -> dict:
         "source": record.source,
         "created": int(record.created_at.timestamp()),
         "resident": _residency(state, record.key),
+        "merge": _merge_json(state, record.key),
         "parent": state.models.base_name,
+    }
+
+
+def _merge_json(state: AppState, key: str) -> dict:
+    """Merged-copy state: pinned or not, the traffic share the policy sees, and its recent decisions."""
+    merges = state.engine.engine.merges
+    return {
+        "merged": key in merges.merged,
+        "pinned": key in merges.pinned,
+        "traffic_share": round(merges.traffic.share(key), 4),
+        "events": [{"action": e.action, "reason": e.reason, "at": int(e.at)} for e in merges.events if e.adapter == key],
     }
 
 
@@ -65,6 +77,13 @@ def _alias_json(alias: AliasRecord) -> dict:
 
 def _summary_json(state: AppState, summary: AdapterSummary) -> dict:
     return {**_version_json(state, summary.latest), "versions": list(summary.versions)}
+
+
+async def _resolve_adapter(state: AppState, ref: str):
+    target = await state.models.resolve(ref)
+    if target.adapter is None:
+        raise ApiError(400, f"{ref!r} is the base model, not an adapter", param="ref", code="not_an_adapter")
+    return target
 
 
 @router.post("/v1/adapters", status_code=201)
@@ -123,7 +142,7 @@ async def delete_adapter(request: Request, ref: str) -> dict:
 async def warm_adapter(request: Request, ref: str) -> dict:
     """Load an adapter into host memory and a device slot now, so its first request pays nothing."""
     state = app_state(request)
-    target = await state.models.resolve(ref)
+    target = await _resolve_adapter(state, ref)
     slots = state.engine.engine.slots
 
     def place() -> bool:
@@ -146,6 +165,24 @@ async def cool_adapter(request: Request, ref: str) -> dict:
     await state.engine.run(lambda: state.engine.engine.remove_adapter(record.key))
     state.registry.cache.evict(record.key)
     return {"id": record.key, "resident": _residency(state, record.key)}
+
+
+@router.post("/v1/adapters/{ref}/merge")
+async def pin_merged(request: Request, ref: str) -> dict:
+    """Pin a merged copy of this adapter (built in the background, kept whatever the traffic)."""
+    state = app_state(request)
+    target = await _resolve_adapter(state, ref)
+    await state.engine.run(lambda: state.engine.engine.pin_merged(target.adapter))
+    return {"id": target.label, "merge": _merge_json(state, target.label)}
+
+
+@router.delete("/v1/adapters/{ref}/merge")
+async def unpin_merged(request: Request, ref: str) -> dict:
+    """Unpin: the traffic policy decides again (the copy goes now unless the adapter is hot)."""
+    state = app_state(request)
+    record = state.registry.resolve(ref)
+    await state.engine.run(lambda: state.engine.engine.unpin_merged(record.key))
+    return {"id": record.key, "merge": _merge_json(state, record.key)}
 
 
 @router.put("/v1/aliases/{alias}")
