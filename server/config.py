@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     merged_budget: ByteSize = Field(ByteSize(512 * 1024**2), description="Bytes of merged weights; 0 = off.")
     merge_promote_share: float = Field(0.5, gt=0, description="Share of recent tokens that earns a merged copy.")
     merge_demote_share: float = Field(0.25, ge=0, description="Share below which a merged copy is dropped.")
+    merge_half_life_tokens: int = Field(4096, ge=1, description="Tokens after which past traffic counts half.")
 
     # Adapters as data
     adapters_dir: Path = Field(Path("adapters"), description="Adapter store: hand-placed PEFT dirs and blobs.")

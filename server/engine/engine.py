@@ -83,7 +83,8 @@ class LLMEngine:
         limits = SchedulerLimits(settings.max_num_seqs, settings.max_batch_tokens, settings.max_queue)
         self.scheduler = Scheduler(limits, self.kv_cache.allocator, self.slots)
         self.merges = MergeManager(
-            MergePolicy(int(settings.merged_budget), settings.merge_promote_share, settings.merge_demote_share),
+            MergePolicy(int(settings.merged_budget), settings.merge_promote_share, settings.merge_demote_share,
+                        settings.merge_half_life_tokens),
             self.targets,
         )
         self.runner = ModelRunner(model, self.kv_cache, self.slots, lora_batch, self.merges.merged, self.device)
