@@ -104,7 +104,7 @@ class Scheduler:
             if tokens > token_budget and (admitted or self.running):
                 break
             needed = self.blocks.blocks_for(tokens)
-            if not self.blocks.can_allocate(needed):
+            if not self.blocks.can_allocate(needed + self._watermark()):
                 break
             self.waiting.popleft()
             if seq.adapter is not None and self.slots.acquire(seq.adapter) is None:
@@ -117,6 +117,11 @@ class Scheduler:
             token_budget -= tokens
         self.waiting.extendleft(reversed(passed_over))
         return admitted
+
+    def _watermark(self) -> int:
+        """Blocks kept free at admission so running sequences can grow without preempting the newcomer
+        at once (admit, preempt, re-admit would thrash). Nothing is held back for the first sequence."""
+        return max(1, self.blocks.num_blocks // 100) if self.running else 0
 
     def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq.block_table)
