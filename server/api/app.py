@@ -9,7 +9,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from server import __version__
-from server.api import routes_adapters, routes_inference, routes_ops
+from server.api import routes_adapters, routes_experiments, routes_inference, routes_ops
 from server.api.errors import install_error_handlers
 from server.api.inference import InferenceService
 from server.api.logging import RequestIdMiddleware
@@ -19,6 +19,8 @@ from server.api.state import AppState
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
+from server.experiments.service import ExperimentService
+from server.experiments.store import ExperimentStore
 from server.registry.registry import AdapterRegistry, validator_for
 
 log = logging.getLogger(__name__)
@@ -42,14 +44,18 @@ def build_state(settings: Settings) -> AppState:
     metrics.watch_engine(engine)
     runner = AsyncEngine(engine)
     base_name = settings.served_model_name or Path(settings.model).resolve().name
+    # Experiments keep their tables in the catalogue's database, through the catalogue's own engine.
+    store = ExperimentStore(registry.catalogue._engine)
+    experiments = ExperimentService(store, registry, base_name, observer=metrics.experiments)
     return AppState(
         settings=settings,
         engine=runner,
         tokenizer=engine.tokenizer,
         registry=registry,
-        models=ModelResolver(base_name, registry, metrics, created=int(time.time())),
-        inference=InferenceService(runner, metrics),
+        models=ModelResolver(base_name, registry, metrics, created=int(time.time()), experiments=experiments),
+        inference=InferenceService(runner, metrics, experiments),
         metrics=metrics,
+        experiments=experiments,
     )
 
 
@@ -66,12 +72,13 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             app.state.loraserve = None
             await asyncio.to_thread(state.engine.stop)
+            await asyncio.to_thread(state.experiments.close)
             state.registry.close()
 
     app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan)
     app.state.loraserve = None
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
-    for module in (routes_ops, routes_inference, routes_adapters):
+    for module in (routes_ops, routes_inference, routes_adapters, routes_experiments):
         app.include_router(module.router)
     return app

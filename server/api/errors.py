@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import errors
+from server.experiments import errors as experiment_errors
 from server.registry import errors as registry_errors
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,16 @@ _DOMAIN: list[tuple[type[Exception], int, str]] = [
     (registry_errors.PathNotAllowedError, 403, "path_not_allowed"),
     (errors.RequestTooLargeError, 400, "context_length_exceeded"),
     (errors.CapacityError, 503, "server_busy"),
+    (experiment_errors.ExperimentNotFoundError, 404, "experiment_not_found"),
+    (experiment_errors.InvalidExperimentError, 400, "invalid_experiment"),
+    (experiment_errors.ExperimentNameConflictError, 409, "name_conflict"),
+    (experiment_errors.InvalidTransitionError, 409, "invalid_transition"),
+    (experiment_errors.ExperimentNotRunningError, 409, "experiment_not_running"),
+    (experiment_errors.RequestNotFoundError, 404, "request_not_found"),
+    (experiment_errors.DuplicateFeedbackError, 409, "duplicate_feedback"),
+    (experiment_errors.DuplicateRequestIdError, 409, "duplicate_request_id"),
+    (experiment_errors.NoWinnerError, 409, "no_winner"),
+    (experiment_errors.NotPromotableError, 409, "not_promotable"),
 ]
 RETRY_AFTER_SECONDS = "1"
 

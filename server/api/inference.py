@@ -1,15 +1,19 @@
 """Running one API request through the engine: every (prompt × n) choice as its own engine request,
-their outputs merged into one stream, with the per-adapter metrics recorded on the way."""
+their outputs merged into one stream, with the per-adapter metrics (and an experiment's outcome) recorded
+on the way."""
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
+from server.api.errors import domain_error_status
 from server.api.metrics import Metrics
 from server.engine.async_engine import AsyncEngine, RequestStream
 from server.engine.engine import RequestOutput
 from server.engine.sequence import FinishReason, SamplingParams
+from server.experiments.model import Assignment, Outcome
+from server.experiments.service import ExperimentService
 from server.lora.adapter import LoraAdapter
 
 
@@ -20,6 +24,7 @@ class Target:
     model: str  # as the caller wrote it; echoed in responses
     adapter: LoraAdapter | None  # None: the bare base
     label: str  # metrics label: the base's name or "adapter@version"
+    experiment: Assignment | None = None  # set when `model` named an experiment
 
 
 @dataclass(frozen=True)
@@ -29,14 +34,20 @@ class ChoiceOutput:
 
 
 class InferenceService:
-    def __init__(self, engine: AsyncEngine, metrics: Metrics):
+    def __init__(self, engine: AsyncEngine, metrics: Metrics, experiments: ExperimentService):
         self.engine = engine
         self.metrics = metrics
+        self.experiments = experiments
 
     async def run(self, request_id: str, prompts: list[str | list[int]], params: SamplingParams, n: int,
                   target: Target, endpoint: str) -> AsyncIterator[ChoiceOutput]:
         """Submit every choice (refusals raise here, before any output), then stream their outputs."""
-        streams = await self._submit_all(request_id, prompts, params, n, target)
+        try:
+            streams = await self._submit_all(request_id, prompts, params, n, target)
+        except Exception as exc:
+            if target.experiment is not None:
+                self.experiments.record_outcome(target.experiment, refusal(exc))
+            raise
         return self._merged(streams, target, endpoint)
 
     async def _submit_all(self, request_id: str, prompts: list[str | list[int]], params: SamplingParams, n: int,
@@ -70,6 +81,7 @@ class InferenceService:
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         timing = _Timing(self.metrics, target.label, started)
+        last: dict[int, RequestOutput] = {}  # each choice's latest output
         try:
             remaining = len(tasks)
             while remaining:
@@ -78,6 +90,7 @@ class InferenceService:
                     remaining -= 1
                     continue
                 timing.observe(item.output)
+                last[item.index] = item.output
                 if item.output.finished:
                     self._record_finish(item.output, target.label, endpoint)
                 yield item
@@ -87,6 +100,8 @@ class InferenceService:
             for stream in streams:
                 stream.close()
             timing.finish()
+            if target.experiment is not None:
+                self.experiments.record_outcome(target.experiment, _outcome(last, len(streams), timing))
 
     def _record_finish(self, output: RequestOutput, label: str, endpoint: str) -> None:
         reason = output.finish_reason or FinishReason.ABORT
@@ -95,18 +110,45 @@ class InferenceService:
         self.metrics.output_tokens.labels(label).inc(output.completion_tokens)
 
 
+def refusal(exc: Exception) -> Outcome:
+    """The outcome of an experiment request refused before any output: the error's code."""
+    status = domain_error_status(exc)
+    return Outcome(error=status[1] if status else "internal_error")
+
+
+def _outcome(last: dict[int, RequestOutput], choices: int, timing: "_Timing") -> Outcome:
+    """An experiment request's outcome: "abort" if the engine aborted a choice, "cancelled" if the client
+    left before every choice finished."""
+    finished = [o for o in last.values() if o.finished]
+    if any(o.finish_reason is FinishReason.ABORT for o in finished):
+        error = "abort"
+    else:
+        error = None if len(finished) == choices else "cancelled"
+    return Outcome(error, sum(o.completion_tokens for o in last.values()), timing.ttft, timing.total)
+
+
 class _Timing:
     """Time to first token, inter-token latency and total latency of one API request."""
 
     def __init__(self, metrics: Metrics, label: str, started: float):
         self._metrics, self._label, self._started = metrics, label, started
+        self._first: float | None = None
         self._last: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self._first is None else self._first - self._started
+
+    @property
+    def total(self) -> float | None:
+        return None if self._last is None else self._last - self._started
 
     def observe(self, output: RequestOutput) -> None:
         if not output.token_ids:
             return
         now = time.monotonic()
         if self._last is None:
+            self._first = now
             self._metrics.ttft.labels(self._label).observe(now - self._started)
         else:
             self._metrics.itl.labels(self._label).observe(now - self._last)
@@ -114,4 +156,4 @@ class _Timing:
 
     def finish(self) -> None:
         if self._last is not None:
-            self._metrics.e2e.labels(self._label).observe(self._last - self._started)
+            self._metrics.e2e.labels(self._label).observe(self.total)

@@ -1,9 +1,11 @@
-"""Prometheus metrics: per-adapter request counters and latency histograms, engine gauges on scrape."""
+"""Prometheus metrics: per-adapter and per-experiment-variant request counters and latency histograms,
+engine gauges on scrape."""
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, Summary
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from server.engine.engine import LLMEngine
+from server.experiments.model import Assignment, Outcome
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -28,9 +30,38 @@ class Metrics:
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.adapter_loads = Histogram("loraserve_adapter_load_seconds", "Adapter loads into a tier, and their time.",
                                        ["tier"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.experiments = ExperimentMetrics(self.registry)
 
     def watch_engine(self, engine: LLMEngine) -> None:
         self.registry.register(_EngineCollector(engine))
+
+
+class ExperimentMetrics:
+    """Per experiment and variant: requests by outcome, tokens, latencies, feedback (mean = sum / count)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        labels = ["experiment", "variant"]
+        self.requests = Counter("loraserve_experiment_requests", "Experiment requests finished, by outcome "
+                                "('ok' or an error code).", [*labels, "outcome"], registry=registry)
+        self.output_tokens = Counter("loraserve_experiment_output_tokens", "Tokens generated.", labels,
+                                     registry=registry)
+        self.ttft = Histogram("loraserve_experiment_time_to_first_token_seconds", "Arrival to first token.", labels,
+                              buckets=_LATENCY_BUCKETS, registry=registry)
+        self.latency = Histogram("loraserve_experiment_request_latency_seconds", "Arrival to last token.", labels,
+                                 buckets=_LATENCY_BUCKETS, registry=registry)
+        self.scores = Summary("loraserve_experiment_feedback_score", "Feedback scores received.", labels,
+                              registry=registry)
+
+    def outcome(self, assignment: Assignment, outcome: Outcome) -> None:
+        labels = (assignment.experiment, assignment.variant)
+        self.requests.labels(*labels, outcome.error or "ok").inc()
+        self.output_tokens.labels(*labels).inc(outcome.output_tokens)
+        if outcome.error is None and outcome.ttft_s is not None:
+            self.ttft.labels(*labels).observe(outcome.ttft_s)
+            self.latency.labels(*labels).observe(outcome.latency_s)
+
+    def feedback(self, assignment: Assignment, score: float) -> None:
+        self.scores.labels(assignment.experiment, assignment.variant).observe(score)
 
 
 class _EngineCollector:

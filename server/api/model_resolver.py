@@ -1,24 +1,47 @@
-"""What a request's `model` names: the base, an adapter (`name`, `name@version`) or an alias."""
+"""What a request's `model` names: the base, an adapter (`name`, `name@version`), an alias, or an
+experiment (which assigns the caller one of its variants)."""
 
 import asyncio
 import time
+from dataclasses import replace
 
-from server.api.inference import Target
+from server.api.inference import Target, refusal
 from server.api.metrics import Metrics
 from server.api.schemas import ModelCard
+from server.experiments.model import Caller, Experiment
+from server.experiments.service import ExperimentService
 from server.registry.registry import AdapterRegistry
 
 
 class ModelResolver:
-    def __init__(self, base_name: str, registry: AdapterRegistry, metrics: Metrics, created: int):
+    def __init__(self, base_name: str, registry: AdapterRegistry, metrics: Metrics, created: int,
+                 experiments: ExperimentService):
         self.base_name = base_name
         self._registry = registry
         self._metrics = metrics
         self._created = created
+        self._experiments = experiments
 
-    async def resolve(self, model: str) -> Target:
+    async def resolve(self, model: str, caller: Caller | None = None) -> Target:
         """The base or a host-resident adapter; a cold adapter is read from disk on a worker thread, so
-        neither the event loop nor the engine's step waits for it."""
+        neither the event loop nor the engine's step waits for it. With a caller (an inference request),
+        an experiment's name resolves to the variant assigned to the caller, recorded under its request id;
+        experiments are looked up before adapters and aliases."""
+        experiment = self._experiments.find(model) if caller is not None and model != self.base_name else None
+        if experiment is not None:
+            return await self._resolve_variant(experiment, caller)
+        return await self._resolve_model(model)
+
+    async def _resolve_variant(self, experiment: Experiment, caller: Caller) -> Target:
+        assignment = await asyncio.to_thread(self._experiments.assign, experiment, caller)
+        try:
+            target = await self._resolve_model(assignment.adapter or self.base_name)
+        except Exception as exc:  # e.g. the variant's adapter version was deleted: an error of that variant
+            self._experiments.record_outcome(assignment, refusal(exc))
+            raise
+        return replace(target, model=experiment.name, experiment=assignment)
+
+    async def _resolve_model(self, model: str) -> Target:
         if model == self.base_name:
             return Target(model, None, self.base_name)
         record = self._registry.resolve(model)

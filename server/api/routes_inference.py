@@ -3,19 +3,23 @@
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.api import openai_format as fmt
 from server.api.chat import chat_prompt
 from server.api.errors import ApiError
-from server.api.inference import ChoiceOutput
+from server.api.inference import ChoiceOutput, Target
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelList
 from server.api.state import AppState, app_state
 from server.engine.sampler import TokenLogprobs
 from server.engine.sequence import SamplingParams
+from server.experiments.model import Caller
 
 router = APIRouter(tags=["inference"])
+
+EXPERIMENT_KEY_HEADER = "x-experiment-key"
+EXPERIMENT_VARIANT_HEADER = "X-Experiment-Variant"
 
 
 @dataclass
@@ -48,6 +52,14 @@ async def _collect(outputs: AsyncIterator[ChoiceOutput], count: int) -> list[_Ch
     return choices
 
 
+def _caller(request: Request, user: str | None) -> Caller:
+    return Caller(request.state.request_id, user, request.headers.get(EXPERIMENT_KEY_HEADER))
+
+
+def _variant_header(target: Target) -> dict[str, str]:
+    return {EXPERIMENT_VARIANT_HEADER: target.experiment.variant} if target.experiment is not None else {}
+
+
 def _usage(choices: list[_Choice], n: int) -> dict:
     prompt = sum(c.prompt_tokens for c in choices[::n])  # each prompt once, however many choices it has
     return fmt.usage(prompt, sum(c.completion_tokens for c in choices))
@@ -59,19 +71,21 @@ async def list_models(request: Request) -> ModelList:
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request):
+async def completions(body: CompletionRequest, request: Request, response: Response):
     state = app_state(request)
     if body.echo:
         raise ApiError(400, "echo is not supported", param="echo", code="unsupported_parameter")
-    target = await state.models.resolve(body.model)
     params = _sampling(body, body.max_tokens, body.logprobs)
     prompts = body.prompts()
     response_id = f"cmpl-{request.state.request_id}"
+    # Resolved last: a request refused for its parameters is not counted against an experiment's variant.
+    target = await state.models.resolve(body.model, _caller(request, body.user))
     outputs = await state.inference.run(response_id, prompts, params, body.n, target, "completions")
     if body.stream:
         chunks = _completion_chunks(state, outputs, response_id, body, len(prompts) * body.n)
-        return StreamingResponse(chunks, media_type="text/event-stream")
+        return StreamingResponse(chunks, media_type="text/event-stream", headers=_variant_header(target))
     choices = await _collect(outputs, len(prompts) * body.n)
+    response.headers.update(_variant_header(target))
     logprobs = fmt.LogprobFormatter(state.tokenizer)
     return fmt.envelope(response_id, "text_completion", body.model, [
         {"index": i, "text": c.text, "finish_reason": c.finish_reason,
@@ -98,18 +112,20 @@ async def _completion_chunks(state: AppState, outputs: AsyncIterator[ChoiceOutpu
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request):
+async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response):
     state = app_state(request)
-    target = await state.models.resolve(body.model)
     max_tokens = body.token_limit() or state.default_max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling(body, max_tokens, top)
     prompt = chat_prompt(state.tokenizer, body.messages)
     response_id = f"chatcmpl-{request.state.request_id}"
+    target = await state.models.resolve(body.model, _caller(request, body.user))
     outputs = await state.inference.run(response_id, [prompt], params, body.n, target, "chat")
     if body.stream:
-        return StreamingResponse(_chat_chunks(state, outputs, response_id, body), media_type="text/event-stream")
+        return StreamingResponse(_chat_chunks(state, outputs, response_id, body), media_type="text/event-stream",
+                                 headers=_variant_header(target))
     choices = await _collect(outputs, body.n)
+    response.headers.update(_variant_header(target))
     logprobs = fmt.LogprobFormatter(state.tokenizer)
     return fmt.envelope(response_id, "chat.completion", body.model, [
         {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,

@@ -10,6 +10,7 @@ from server.api.metrics import Metrics
 from server.api.model_resolver import ModelResolver
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
+from server.experiments.service import ExperimentService
 from server.registry.registry import AdapterRegistry
 
 # Chat requests without max_tokens get this many tokens at most (OpenAI would use the context).
@@ -25,6 +26,7 @@ class AppState:
     models: ModelResolver
     inference: InferenceService
     metrics: Metrics
+    experiments: ExperimentService
     default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS
 
 
