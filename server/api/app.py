@@ -45,7 +45,7 @@ def build_state(settings: Settings) -> AppState:
     runner = AsyncEngine(engine)
     base_name = settings.served_model_name or Path(settings.model).resolve().name
     # Experiments keep their tables in the catalogue's database, through the catalogue's own engine.
-    store = ExperimentStore(registry.catalogue._engine)
+    store = ExperimentStore(registry.catalogue.engine)
     experiments = ExperimentService(store, registry, base_name, observer=metrics.experiments)
     return AppState(
         settings=settings,

@@ -15,7 +15,7 @@ import threading
 from dataclasses import asdict, fields
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, BigInteger, DateTime, String, Text, UniqueConstraint, create_engine, func, select
+from sqlalchemy import JSON, Engine, BigInteger, DateTime, String, Text, UniqueConstraint, create_engine, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -73,6 +73,11 @@ class Catalogue:
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         # SQLite refuses a second concurrent writer instead of queueing it: serialise this process's writes.
         self._write_lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, for other stores that keep their tables in the same database."""
+        return self._engine
 
     def close(self) -> None:
         self._engine.dispose()
