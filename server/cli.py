@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from server.config import Settings
+from server.tenancy import commands as keys_commands
 
 
 def _lora_arg(text: str) -> str:
@@ -61,6 +62,16 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_demo(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from server.demo.train import BuildPlan, main
+
+    names = {f.name for f in fields(BuildPlan)}
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k in names}
+    return main(BuildPlan(**overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host-cache-memory", dest="host_cache_memory", help="bytes, e.g. 1GB")
     serve.add_argument("--max-upload-size", dest="max_upload_size", help="bytes, e.g. 512MB")
     serve.add_argument("--log-format", choices=["json", "text"], dest="log_format")
+    serve.add_argument("--auth", choices=["auto", "on", "off"], help="require API keys (default auto: on when a key exists)")
+    serve.add_argument("--admin-key", dest="admin_key", help="the first admin key (prefer LORASERVE_ADMIN_KEY)")
     serve.set_defaults(handler=_serve)
     generate = commands.add_parser("generate", help="run one prompt offline on the base and adapters")
     _engine_flags(generate)
@@ -85,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--seed", type=int)
     generate.set_defaults(handler=_generate)
+    demo = commands.add_parser("build-demo", help="train the demo base and adapters (CPU, a few minutes)")
+    demo.add_argument("--base-dir", type=Path, dest="base_dir", help="default demo/base")
+    demo.add_argument("--adapters-dir", type=Path, dest="adapters_dir", help="default adapters")
+    demo.add_argument("--base-steps", type=int, dest="base_steps")
+    demo.add_argument("--adapter-steps", type=int, dest="adapter_steps")
+    demo.set_defaults(handler=_build_demo)
+    keys_commands.add_parser(commands)
     return parser
 
 

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ByteSize, Field
+from pydantic import ByteSize, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DType = Literal["float32", "bfloat16", "float16", "auto"]
@@ -40,7 +40,22 @@ class Settings(BaseSettings):
     catalogue_url: str | None = Field(None, description="SQLAlchemy URL (default: SQLite in adapters_dir).")
     host_cache_memory: ByteSize = Field(ByteSize(1024**3), description="Bytes of adapters kept in host memory.")
     max_upload_size: ByteSize = Field(ByteSize(512 * 1024**2), description="Largest adapter upload accepted.")
+    max_request_body: ByteSize = Field(ByteSize(2 * 1024**2), ge=1024,
+                                       description="Largest request body but uploads (those get max_upload_size).")
     lora: list[str] = Field(default_factory=list, description="NAME=PATH adapters registered at start.")
+
+    # Tenants and keys
+    auth: Literal["auto", "on", "off"] = Field(
+        "auto", description="API keys required: 'auto' = on when an admin key is set or the catalogue holds a live key.")
+    admin_key: SecretStr | None = Field(None, description="The first admin key (LORASERVE_ADMIN_KEY).")
+    # Limits of each tenant (admins have none); 0 = no limit.
+    tenant_requests_per_minute: int = Field(600, ge=0, description="Inference requests per minute.")
+    tenant_tokens_per_minute: int = Field(200_000, ge=0,
+                                          description="Tokens asked for (max_tokens x choices) per minute.")
+    tenant_max_concurrent: int = Field(32, ge=0, description="Inference requests in flight at once.")
+    tenant_max_adapters: int = Field(100, ge=0, description="Adapter names with a live version.")
+    tenant_max_adapter_bytes: ByteSize = Field(ByteSize(10 * 1024**3),
+                                               description="Bytes of live adapter versions.")
 
     # HTTP
     host: str = "127.0.0.1"

@@ -6,10 +6,13 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from server import __version__
-from server.api import routes_adapters, routes_experiments, routes_inference, routes_ops
+from server.api import routes_adapters, routes_admin, routes_experiments, routes_inference, routes_ops
+from server.api.access import Access
+from server.api.auth import AuthMiddleware, Authenticator, authenticate, require_admin
+from server.api.body_limit import BodySizeLimitMiddleware
 from server.api.errors import install_error_handlers
 from server.api.inference import InferenceService
 from server.api.logging import RequestIdMiddleware
@@ -21,7 +24,12 @@ from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
 from server.experiments.service import ExperimentService
 from server.experiments.store import ExperimentStore
+from server.registry.errors import AdapterNotFoundError
 from server.registry.registry import AdapterRegistry, validator_for
+from server.tenancy.audit import AuditLog
+from server.tenancy.keys import KeyStore
+from server.tenancy.limits import TenantLimiter
+from server.tenancy.ownership import OwnershipStore
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +55,65 @@ def build_state(settings: Settings) -> AppState:
     # Experiments keep their tables in the catalogue's database, through the catalogue's own engine.
     store = ExperimentStore(registry.catalogue.engine)
     experiments = ExperimentService(store, registry, base_name, observer=metrics.experiments)
+    keys = KeyStore(registry.catalogue.engine)
+    access = Access(OwnershipStore(registry.catalogue.engine), _taken_by(registry, experiments), base_name)
+    admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+    enabled = settings.auth == "on" or (settings.auth == "auto" and bool(admin_key or keys.active_keys()))
     return AppState(
         settings=settings,
         engine=runner,
         tokenizer=engine.tokenizer,
         registry=registry,
-        models=ModelResolver(base_name, registry, metrics, created=int(time.time()), experiments=experiments),
+        models=ModelResolver(base_name, registry, metrics, created=int(time.time()), experiments=experiments,
+                             access=access),
         inference=InferenceService(runner, metrics, experiments),
         metrics=metrics,
         experiments=experiments,
+        auth=Authenticator(keys, enabled, admin_key),
+        keys=keys,
+        access=access,
+        audit=AuditLog(registry.catalogue.engine),
+        limits=TenantLimiter(settings.tenant_requests_per_minute, settings.tenant_tokens_per_minute,
+                             settings.tenant_max_concurrent),
     )
+
+
+def _taken_by(registry: AdapterRegistry, experiments: ExperimentService):
+    def taken(name: str) -> bool:
+        if registry.catalogue.latest(name, include_deleted=True) is not None or experiments.find(name) is not None:
+            return True
+        try:
+            registry.get_alias(name)
+        except AdapterNotFoundError:
+            return False
+        return True
+
+    return taken
+
+
+# Room for the multipart framing and the form fields around an upload's two files.
+_UPLOAD_OVERHEAD = 64 * 1024
+
+
+def _body_limit(settings: Settings):
+    upload = int(settings.max_upload_size) + _UPLOAD_OVERHEAD
+    request = int(settings.max_request_body)
+
+    def limit_for(scope) -> int:
+        return upload if scope["method"] == "POST" and scope["path"] == "/v1/adapters" else request
+
+    return limit_for
+
+
+def _log_auth(state: AppState) -> None:
+    if state.auth.enabled:
+        log.info("auth: on (API keys required; %d live key(s) in the catalogue%s)", state.keys.active_keys(),
+                 ", plus the configured admin key" if state.settings.admin_key else "")
+        if not state.settings.admin_key and not state.keys.active_keys():
+            log.error("auth is on but no key exists: create one with `loraserve keys create --role admin`")
+    else:
+        log.warning("AUTH IS OFF: every client is an admin and sees every tenant's adapters. "
+                    "Set LORASERVE_ADMIN_KEY (or --auth on) before exposing this server.")
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -65,8 +122,10 @@ def create_app(settings: Settings) -> FastAPI:
         state = await asyncio.to_thread(build_state, settings)
         state.engine.start()
         app.state.loraserve = state
-        log.info("serving %s with %d adapters on http://%s:%d (auth: off)", state.models.base_name,
-                 len(state.registry.latest_versions()), settings.host, settings.port)
+        _log_auth(state)
+        log.info("serving %s with %d adapters on http://%s:%d (auth: %s)", state.models.base_name,
+                 len(state.registry.latest_versions()), settings.host, settings.port,
+                 "on" if state.auth.enabled else "OFF")
         try:
             yield
         finally:
@@ -77,8 +136,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan)
     app.state.loraserve = None
+    app.add_middleware(BodySizeLimitMiddleware, limit_for=_body_limit(settings))
+    app.add_middleware(AuthMiddleware)  # outside the body limit: no key, no body read at all
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
-    for module in (routes_ops, routes_inference, routes_adapters, routes_experiments):
-        app.include_router(module.router)
+    app.include_router(routes_ops.router)
+    for module in (routes_inference, routes_adapters, routes_experiments):
+        app.include_router(module.router, dependencies=[Depends(authenticate)])
+    app.include_router(routes_admin.router, dependencies=[Depends(authenticate), Depends(require_admin)])
     return app

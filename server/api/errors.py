@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import errors
 from server.experiments import errors as experiment_errors
 from server.registry import errors as registry_errors
+from server.tenancy import errors as tenancy_errors
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,13 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
 
 # Domain error -> (status, code). Subclasses match their closest listed ancestor.
 _DOMAIN: list[tuple[type[Exception], int, str]] = [
+    (tenancy_errors.AuthenticationError, 401, "invalid_api_key"),
+    (tenancy_errors.PermissionDeniedError, 403, "permission_denied"),
+    (tenancy_errors.TenantNotFoundError, 404, "tenant_not_found"),
+    (tenancy_errors.TenantConflictError, 409, "tenant_conflict"),
+    (tenancy_errors.KeyNotFoundError, 404, "key_not_found"),
+    (tenancy_errors.RateLimitedError, 429, "rate_limit_exceeded"),
+    (tenancy_errors.QuotaExceededError, 403, "quota_exceeded"),
     (errors.UnknownAdapterError, 404, "model_not_found"),
     (registry_errors.AdapterNotFoundError, 404, "model_not_found"),
     (errors.AdapterValidationError, 422, "invalid_adapter"),
@@ -51,6 +59,7 @@ _DOMAIN: list[tuple[type[Exception], int, str]] = [
     (experiment_errors.NotPromotableError, 409, "not_promotable"),
 ]
 RETRY_AFTER_SECONDS = "1"
+_HEADERS = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": RETRY_AFTER_SECONDS}}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -74,7 +83,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.LoraserveError)
     async def _domain_error(request: Request, exc: errors.LoraserveError):
         status, code = domain_error_status(exc) or (500, "internal_error")
-        headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
+        headers = _HEADERS.get(status)
+        if isinstance(exc, tenancy_errors.RateLimitedError):
+            headers = {"Retry-After": str(exc.retry_after)}
         return error_response(status, str(exc), code=code, headers=headers)
 
     @app.exception_handler(ValueError)

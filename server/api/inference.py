@@ -40,10 +40,10 @@ class InferenceService:
         self.experiments = experiments
 
     async def run(self, request_id: str, prompts: list[str | list[int]], params: SamplingParams, n: int,
-                  target: Target, endpoint: str) -> AsyncIterator[ChoiceOutput]:
+                  target: Target, endpoint: str, tenant: str | None = None) -> AsyncIterator[ChoiceOutput]:
         """Submit every choice (refusals raise here, before any output), then stream their outputs."""
         try:
-            streams = await self._submit_all(request_id, prompts, params, n, target)
+            streams = await self._submit_all(request_id, prompts, params, n, target, tenant)
         except Exception as exc:
             if target.experiment is not None:
                 self.experiments.record_outcome(target.experiment, refusal(exc))
@@ -51,7 +51,7 @@ class InferenceService:
         return self._merged(streams, target, endpoint)
 
     async def _submit_all(self, request_id: str, prompts: list[str | list[int]], params: SamplingParams, n: int,
-                          target: Target) -> list[RequestStream]:
+                          target: Target, tenant: str | None) -> list[RequestStream]:
         streams: list[RequestStream] = []
         try:
             for p_index, prompt in enumerate(prompts):
@@ -61,7 +61,7 @@ class InferenceService:
                         choice_params = replace(params, seed=params.seed + i)
                     index = p_index * n + i
                     streams.append(await self.engine.submit(f"{request_id}-{index}", prompt, choice_params,
-                                                            target.adapter))
+                                                            target.adapter, tenant))
         except BaseException:
             for stream in streams:
                 stream.close()

@@ -6,12 +6,18 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
+from server.api.audit import audit
+from server.api.auth import caller
 from server.api.errors import ApiError
 from server.api.state import AppState, app_state
 from server.registry.records import AdapterRecord, AdapterSummary, AliasRecord
 from server.registry.names import parse_model_ref
+from server.registry.errors import UploadTooLargeError
+from server.tenancy.errors import PermissionDeniedError, QuotaExceededError
+from server.tenancy.keys import Principal
 
 router = APIRouter(tags=["adapters"])
+MAX_OFFSET = 2**31 - 1  # SQL integers: a larger offset would overflow the database's, not page further
 
 
 class AliasBody(BaseModel):
@@ -79,8 +85,8 @@ def _summary_json(state: AppState, summary: AdapterSummary) -> dict:
     return {**_version_json(state, summary.latest), "versions": list(summary.versions)}
 
 
-async def _resolve_adapter(state: AppState, ref: str):
-    target = await state.models.resolve(ref)
+async def _resolve_adapter(request: Request, state: AppState, ref: str):
+    target = await state.models.resolve(ref, principal=caller(request))
     if target.adapter is None:
         raise ApiError(400, f"{ref!r} is the base model, not an adapter", param="ref", code="not_an_adapter")
     return target
@@ -95,17 +101,51 @@ async def upload_adapter(
     adapter_model: UploadFile = File(..., alias="adapter_model.safetensors"),
 ) -> dict:
     """Validate a PEFT adapter fully against the base, store it, and make it a new version of `name`."""
-    state = app_state(request)
-    record = await asyncio.to_thread(
-        state.registry.upload, name, description, adapter_config.file, adapter_model.file
-    )
+    state, who = app_state(request), caller(request)
+    room = await asyncio.to_thread(_quota_room, state, who, name)
+    claimed = await asyncio.to_thread(state.access.claim, who, name)
+    try:
+        record = await asyncio.to_thread(
+            state.registry.upload, name, description, adapter_config.file, adapter_model.file, max_bytes=room
+        )
+    except UploadTooLargeError:
+        if claimed:
+            state.access.release(who, name)
+        if room is not None and room < state.registry.max_upload_bytes:
+            raise QuotaExceededError(f"the upload would exceed your quota of "
+                                     f"{int(state.settings.tenant_max_adapter_bytes)} stored bytes") from None
+        raise
+    except BaseException:
+        if claimed:
+            state.access.release(who, name)
+        raise
+    audit(request, "adapter.upload", record.key, bytes=record.size_bytes, sha256=record.weights_sha256)
     return _version_json(state, record)
 
 
+def _quota_room(state: AppState, who: Principal, name: str) -> int | None:
+    """Bytes a tenant may still store (None: no limit); QuotaExceededError if a new name would exceed
+    its number of adapters or no byte is left."""
+    settings = state.settings
+    if who.is_admin:
+        return None
+    live = {n: state.registry.catalogue.versions(n) for n in state.access.owned_names(who)}
+    live = {n: versions for n, versions in live.items() if versions}
+    if settings.tenant_max_adapters and name not in live and len(live) >= settings.tenant_max_adapters:
+        raise QuotaExceededError(f"you have {len(live)} adapters, the quota is {settings.tenant_max_adapters}")
+    if not settings.tenant_max_adapter_bytes:
+        return None
+    room = int(settings.tenant_max_adapter_bytes) - sum(r.size_bytes for vs in live.values() for r in vs)
+    if room <= 0:
+        raise QuotaExceededError(f"your adapters fill your quota of {int(settings.tenant_max_adapter_bytes)} bytes")
+    return room
+
+
 @router.get("/v1/adapters")
-async def list_adapters(request: Request, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
+async def list_adapters(request: Request, limit: int = Query(50, ge=1, le=500),
+                        offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
     state = app_state(request)
-    page = state.registry.list(limit=limit, offset=offset)
+    page = state.registry.list(limit=limit, offset=offset, only=state.access.visible_names(caller(request)))
     return {
         "object": "list",
         "data": [_summary_json(state, summary) for summary in page.items],
@@ -119,6 +159,7 @@ async def list_adapters(request: Request, limit: int = Query(50, ge=1, le=500), 
 @router.get("/v1/adapters/{name}")
 async def get_adapter(request: Request, name: str) -> dict:
     state = app_state(request)
+    state.access.see_model(caller(request), name)
     versions = state.registry.get(name)
     newest = versions[-1]
     return {**_version_json(state, newest), "versions": [_version_json(state, v) for v in versions]}
@@ -129,7 +170,9 @@ async def delete_adapter(request: Request, ref: str) -> dict:
     """Delete `name` (every version) or `name@version`. Running requests on it finish first (drain)."""
     state = app_state(request)
     parsed = parse_model_ref(ref)
+    state.access.change_model(caller(request), ref)
     deleted = state.registry.delete(parsed.name, parsed.version)
+    audit(request, "adapter.delete", ref, deleted=[r.key for r in deleted])
     draining = []
     for record in deleted:
         removed = await state.engine.run(lambda key=record.key: state.engine.engine.remove_adapter(key))
@@ -142,7 +185,7 @@ async def delete_adapter(request: Request, ref: str) -> dict:
 async def warm_adapter(request: Request, ref: str) -> dict:
     """Load an adapter into host memory and a device slot now, so its first request pays nothing."""
     state = app_state(request)
-    target = await _resolve_adapter(state, ref)
+    target = await _resolve_adapter(request, state, ref)
     slots = state.engine.engine.slots
 
     def place() -> bool:
@@ -161,6 +204,7 @@ async def warm_adapter(request: Request, ref: str) -> dict:
 async def cool_adapter(request: Request, ref: str) -> dict:
     """Release an adapter from its device slot and host memory (it stays on disk)."""
     state = app_state(request)
+    state.access.change_model(caller(request), ref)
     record = state.registry.resolve(ref)
     await state.engine.run(lambda: state.engine.engine.remove_adapter(record.key))
     state.registry.cache.evict(record.key)
@@ -171,8 +215,10 @@ async def cool_adapter(request: Request, ref: str) -> dict:
 async def pin_merged(request: Request, ref: str) -> dict:
     """Pin a merged copy of this adapter (built in the background, kept whatever the traffic)."""
     state = app_state(request)
-    target = await _resolve_adapter(state, ref)
+    state.access.change_model(caller(request), ref)
+    target = await _resolve_adapter(request, state, ref)
     await state.engine.run(lambda: state.engine.engine.pin_merged(target.adapter))
+    audit(request, "adapter.merge_pin", target.label)
     return {"id": target.label, "merge": _merge_json(state, target.label)}
 
 
@@ -180,25 +226,43 @@ async def pin_merged(request: Request, ref: str) -> dict:
 async def unpin_merged(request: Request, ref: str) -> dict:
     """Unpin: the traffic policy decides again (the copy goes now unless the adapter is hot)."""
     state = app_state(request)
+    state.access.change_model(caller(request), ref)
     record = state.registry.resolve(ref)
     await state.engine.run(lambda: state.engine.engine.unpin_merged(record.key))
+    audit(request, "adapter.merge_unpin", record.key)
     return {"id": record.key, "merge": _merge_json(state, record.key)}
 
 
 @router.put("/v1/aliases/{alias}")
 async def put_alias(request: Request, alias: str, body: AliasBody) -> dict:
     """Point an alias at an adapter version (rollout, rollback)."""
-    return _alias_json(app_state(request).registry.set_alias(alias, body.target))
+    state, who = app_state(request), caller(request)
+    state.access.see_model(who, body.target)
+    claimed = await asyncio.to_thread(state.access.claim, who, alias)
+    try:
+        record = state.registry.set_alias(alias, body.target)
+    except BaseException:
+        if claimed:
+            state.access.release(who, alias)
+        raise
+    audit(request, "alias.set", alias, to=record.target)
+    return _alias_json(record)
 
 
 @router.get("/v1/aliases")
 async def list_aliases(request: Request) -> dict:
-    return {"object": "list", "data": [_alias_json(a) for a in app_state(request).registry.list_aliases()]}
+    state = app_state(request)
+    owned = state.access.owned_names(caller(request))
+    aliases = [a for a in state.registry.list_aliases() if owned is None or a.alias in owned]
+    return {"object": "list", "data": [_alias_json(a) for a in aliases]}
 
 
 @router.delete("/v1/aliases/{alias}")
 async def delete_alias(request: Request, alias: str) -> dict:
-    app_state(request).registry.delete_alias(alias)
+    state = app_state(request)
+    state.access.see_alias(caller(request), alias)
+    record = state.registry.delete_alias(alias)
+    audit(request, "alias.delete", alias, was=record.target)
     return {"deleted": alias}
 
 
@@ -206,13 +270,19 @@ async def delete_alias(request: Request, alias: str) -> dict:
 async def vllm_load_lora_adapter(request: Request, body: LoadLoraBody) -> str:
     """vLLM-compatible: register a PEFT directory that lies inside the adapters directory."""
     state = app_state(request)
-    await asyncio.to_thread(state.registry.load_from_path, body.lora_name, body.lora_path)
+    if not caller(request).is_admin:
+        raise PermissionDeniedError("loading from a server path is for admins; tenants upload with POST /v1/adapters")
+    record = await asyncio.to_thread(state.registry.load_from_path, body.lora_name, body.lora_path)
+    audit(request, "adapter.load_path", record.key, path=body.lora_path)
     return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
 
 @router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
 async def vllm_unload_lora_adapter(request: Request, body: UnloadLoraBody) -> str:
     state = app_state(request)
-    for record in state.registry.delete(body.lora_name, None):
+    state.access.change_model(caller(request), body.lora_name)
+    deleted = state.registry.delete(body.lora_name, None)
+    audit(request, "adapter.delete", body.lora_name, deleted=[r.key for r in deleted])
+    for record in deleted:
         await state.engine.run(lambda key=record.key: state.engine.engine.remove_adapter(key))
     return f"Success: LoRA adapter '{body.lora_name}' removed successfully."

@@ -8,7 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from server.api.state import app_state
+from server.api.audit import audit
+from server.api.auth import caller
+from server.api.state import AppState, app_state
 from server.experiments.model import AssignmentKey, Experiment, Status, Variant
 from server.experiments.results import Results, VariantResult
 from server.experiments.service import DEFAULT_MIN_SAMPLES
@@ -59,25 +61,46 @@ class FeedbackBody(_Body):
 
 @router.post("/v1/experiments", status_code=201)
 async def create_experiment(request: Request, body: CreateExperimentBody) -> dict:
-    state = app_state(request)
+    state, who = app_state(request), caller(request)
+    for v in body.variants:
+        state.access.see_model(who, v.adapter)
     variants = [Variant(v.name, v.adapter, v.weight, v.control) for v in body.variants]
-    experiment = await asyncio.to_thread(
-        state.experiments.create, body.name, variants, status=body.status, description=body.description,
+    experiment = await _claimed(request, state, body.name, lambda: state.experiments.create(
+        body.name, variants, status=body.status, description=body.description,
         assignment_key=body.assignment_key, min_samples=body.min_samples,
-    )
+    ))
+    audit(request, "experiment.create", experiment.name, status=experiment.status.value)
     return _experiment_json(experiment, state.models.base_name)
+
+
+async def _claimed(request: Request, state: AppState, name: str, create):
+    """Run `create` (blocking) with `name` claimed for the calling tenant; the claim goes if it fails."""
+    who = caller(request)
+    claimed = await asyncio.to_thread(state.access.claim, who, name)
+    try:
+        return await asyncio.to_thread(create)
+    except BaseException:
+        if claimed:
+            state.access.release(who, name)
+        raise
+
+
+def _own(request: Request, state: AppState, name: str) -> None:
+    state.access.see_experiment(caller(request), name)
 
 
 @router.get("/v1/experiments")
 async def list_experiments(request: Request) -> dict:
     state = app_state(request)
-    experiments = await asyncio.to_thread(state.experiments.all)
+    owned = state.access.owned_names(caller(request))
+    experiments = [e for e in await asyncio.to_thread(state.experiments.all) if owned is None or e.name in owned]
     return {"object": "list", "data": [_experiment_json(e, state.models.base_name) for e in experiments]}
 
 
 @router.get("/v1/experiments/{name}")
 async def get_experiment(request: Request, name: str) -> dict:
     state = app_state(request)
+    _own(request, state, name)
     return _experiment_json(await asyncio.to_thread(state.experiments.get, name), state.models.base_name)
 
 
@@ -86,11 +109,17 @@ async def update_experiment(request: Request, name: str, body: UpdateExperimentB
     """Change the status and/or weights; with `promote`, also point an alias at the winner (e.g. when
     stopping). Nothing changes unless every part is accepted."""
     state = app_state(request)
+    _own(request, state, name)
     promote = body.promote
-    experiment = await asyncio.to_thread(
-        state.experiments.update, name, status=body.status, weights=body.weights,
+    update = lambda: state.experiments.update(  # noqa: E731
+        name, status=body.status, weights=body.weights,
         promote_alias=promote.alias if promote else None, promote_variant=promote.variant if promote else None,
     )
+    if promote:
+        experiment = await _claimed(request, state, promote.alias, update)
+    else:
+        experiment = await asyncio.to_thread(update)
+    audit(request, "experiment.update", name, **body.model_dump(mode="json", exclude_none=True))
     return _experiment_json(experiment, state.models.base_name)
 
 
@@ -98,27 +127,36 @@ async def update_experiment(request: Request, name: str, body: UpdateExperimentB
 async def promote_experiment(request: Request, name: str, body: PromoteBody) -> dict:
     """Point an alias at the winning variant's adapter version (or at the named variant's)."""
     state = app_state(request)
-    experiment = await asyncio.to_thread(state.experiments.promote, name, body.alias, body.variant)
+    _own(request, state, name)
+    experiment = await _claimed(request, state, body.alias,
+                                lambda: state.experiments.promote(name, body.alias, body.variant))
+    audit(request, "experiment.promote", name, alias=body.alias, variant=body.variant)
     return _experiment_json(experiment, state.models.base_name)
 
 
 @router.delete("/v1/experiments/{name}")
 async def delete_experiment(request: Request, name: str) -> dict:
     """Delete an experiment with its records and results; its name becomes free."""
-    await asyncio.to_thread(app_state(request).experiments.delete, name)
+    state = app_state(request)
+    _own(request, state, name)
+    await asyncio.to_thread(state.experiments.delete, name)
+    audit(request, "experiment.delete", name)
     return {"deleted": name}
 
 
 @router.get("/v1/experiments/{name}/results")
 async def experiment_results(request: Request, name: str) -> dict:
     state = app_state(request)
+    _own(request, state, name)
     return _results_json(await asyncio.to_thread(state.experiments.results, name), state.models.base_name)
 
 
 @router.post("/v1/feedback", status_code=201)
 async def feedback(request: Request, body: FeedbackBody) -> dict:
     """Score the response of one experiment request, once."""
-    assignment = await asyncio.to_thread(app_state(request).experiments.feedback, body.request_id, float(body.score))
+    state, who = app_state(request), caller(request)
+    allowed = None if who.is_admin else (lambda experiment: state.access.owns(who, experiment))
+    assignment = await asyncio.to_thread(state.experiments.feedback, body.request_id, float(body.score), allowed)
     return {"request_id": assignment.request_id, "experiment": assignment.experiment,
             "variant": assignment.variant, "score": float(body.score)}
 

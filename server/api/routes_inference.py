@@ -1,13 +1,15 @@
 """OpenAI-compatible inference: /v1/completions, /v1/chat/completions, /v1/models."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from server.api import openai_format as fmt
 from server.api.chat import chat_prompt
+from server.api.auth import caller
 from server.api.errors import ApiError
 from server.api.inference import ChoiceOutput, Target
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelList
@@ -60,6 +62,27 @@ def _variant_header(target: Target) -> dict[str, str]:
     return {EXPERIMENT_VARIANT_HEADER: target.experiment.variant} if target.experiment is not None else {}
 
 
+def _admit(request: Request, state: AppState, tokens: int) -> Callable[[], None]:
+    """Count the request against its tenant's limits (429 if over); returns the release for its end."""
+    who = caller(request)
+    return (lambda: None) if who.is_admin else state.limits.admit(who.tenant, tokens)
+
+
+async def _released(chunks: AsyncIterator[str], release: Callable[[], None]) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        release()
+
+
+def _streaming(chunks: AsyncIterator[str], release: Callable[[], None], headers: dict) -> StreamingResponse:
+    # The release runs when the stream ends, and again (idempotent) as a background task in case the
+    # client left before the stream started.
+    return StreamingResponse(_released(chunks, release), media_type="text/event-stream", headers=headers,
+                             background=BackgroundTask(release))
+
+
 def _usage(choices: list[_Choice], n: int) -> dict:
     prompt = sum(c.prompt_tokens for c in choices[::n])  # each prompt once, however many choices it has
     return fmt.usage(prompt, sum(c.completion_tokens for c in choices))
@@ -67,7 +90,8 @@ def _usage(choices: list[_Choice], n: int) -> dict:
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=app_state(request).models.cards())
+    state = app_state(request)
+    return ModelList(data=state.models.cards(state.access.visible_names(caller(request))))
 
 
 @router.post("/v1/completions")
@@ -79,12 +103,21 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
     prompts = body.prompts()
     response_id = f"cmpl-{request.state.request_id}"
     # Resolved last: a request refused for its parameters is not counted against an experiment's variant.
-    target = await state.models.resolve(body.model, _caller(request, body.user))
-    outputs = await state.inference.run(response_id, prompts, params, body.n, target, "completions")
-    if body.stream:
-        chunks = _completion_chunks(state, outputs, response_id, body, len(prompts) * body.n)
-        return StreamingResponse(chunks, media_type="text/event-stream", headers=_variant_header(target))
-    choices = await _collect(outputs, len(prompts) * body.n)
+    release = _admit(request, state, body.max_tokens * body.n * len(prompts))
+    try:
+        target = await state.models.resolve(body.model, _caller(request, body.user), caller(request))
+        outputs = await state.inference.run(response_id, prompts, params, body.n, target, "completions",
+                                            caller(request).tenant)
+        if body.stream:
+            chunks = _completion_chunks(state, outputs, response_id, body, len(prompts) * body.n)
+            return _streaming(chunks, release, _variant_header(target))
+        choices = await _collect(outputs, len(prompts) * body.n)
+    except BaseException:
+        release()
+        raise
+    finally:
+        if not body.stream:
+            release()
     response.headers.update(_variant_header(target))
     logprobs = fmt.LogprobFormatter(state.tokenizer)
     return fmt.envelope(response_id, "text_completion", body.model, [
@@ -119,12 +152,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
     params = _sampling(body, max_tokens, top)
     prompt = chat_prompt(state.tokenizer, body.messages)
     response_id = f"chatcmpl-{request.state.request_id}"
-    target = await state.models.resolve(body.model, _caller(request, body.user))
-    outputs = await state.inference.run(response_id, [prompt], params, body.n, target, "chat")
-    if body.stream:
-        return StreamingResponse(_chat_chunks(state, outputs, response_id, body), media_type="text/event-stream",
-                                 headers=_variant_header(target))
-    choices = await _collect(outputs, body.n)
+    release = _admit(request, state, max_tokens * body.n)
+    try:
+        target = await state.models.resolve(body.model, _caller(request, body.user), caller(request))
+        outputs = await state.inference.run(response_id, [prompt], params, body.n, target, "chat",
+                                            caller(request).tenant)
+        if body.stream:
+            return _streaming(_chat_chunks(state, outputs, response_id, body), release, _variant_header(target))
+        choices = await _collect(outputs, body.n)
+    except BaseException:
+        release()
+        raise
+    finally:
+        if not body.stream:
+            release()
     response.headers.update(_variant_header(target))
     logprobs = fmt.LogprobFormatter(state.tokenizer)
     return fmt.envelope(response_id, "chat.completion", body.model, [

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from fastapi import Request
 from transformers import PreTrainedTokenizerBase
 
+from server.api.access import Access
+from server.api.auth import Authenticator
 from server.api.inference import InferenceService
 from server.api.metrics import Metrics
 from server.api.model_resolver import ModelResolver
@@ -12,6 +14,9 @@ from server.config import Settings
 from server.engine.async_engine import AsyncEngine
 from server.experiments.service import ExperimentService
 from server.registry.registry import AdapterRegistry
+from server.tenancy.audit import AuditLog
+from server.tenancy.keys import KeyStore
+from server.tenancy.limits import TenantLimiter
 
 # Chat requests without max_tokens get this many tokens at most (OpenAI would use the context).
 DEFAULT_CHAT_MAX_TOKENS = 256
@@ -27,6 +32,11 @@ class AppState:
     inference: InferenceService
     metrics: Metrics
     experiments: ExperimentService
+    auth: Authenticator
+    keys: KeyStore
+    access: Access
+    audit: AuditLog
+    limits: TenantLimiter
     default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS
 
 

@@ -54,14 +54,14 @@ class AsyncEngine:
         return await asyncio.wrap_future(self.call(fn))
 
     async def submit(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                     adapter: str | LoraAdapter | None = None) -> "RequestStream":
+                     adapter: str | LoraAdapter | None = None, tenant: str | None = None) -> "RequestStream":
         """Queue a request; raises the engine's refusal (unknown adapter, queue full, too long) here,
         before any output, so the caller can still answer with an error status."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = (loop, outputs)
         try:
-            await self.run(lambda: self.engine.add_request(request_id, prompt, params, adapter))
+            await self.run(lambda: self.engine.add_request(request_id, prompt, params, adapter, tenant))
         except BaseException:
             self._streams.pop(request_id, None)
             raise

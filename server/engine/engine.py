@@ -137,9 +137,10 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    adapter: str | LoraAdapter | None = None) -> None:
+                    adapter: str | LoraAdapter | None = None, tenant: str | None = None) -> None:
         """Queue a request. `adapter` is a registered name, an adapter object (the server's registry
-        hands those over, so the engine need not hold every adapter), or None for the bare base."""
+        hands those over, so the engine need not hold every adapter), or None for the bare base.
+        `tenant` names whose request it is, for the scheduler's fair share."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already running")
         lora = self._adapter(adapter) if isinstance(adapter, str) else adapter
@@ -147,7 +148,7 @@ class LLMEngine:
         self._check_fits(prompt_ids, params)
         if len(self.scheduler.waiting) >= self.settings.max_queue:
             raise CapacityError(f"the queue is full ({self.settings.max_queue} requests waiting)")
-        seq = Sequence(request_id=request_id, prompt_ids=prompt_ids, params=params, adapter=lora)
+        seq = Sequence(request_id=request_id, prompt_ids=prompt_ids, params=params, adapter=lora, tenant=tenant)
         self._requests[request_id] = _Tracked(seq, IncrementalDetokenizer(self.tokenizer, params.stop))
         self.scheduler.add(seq)
 

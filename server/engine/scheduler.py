@@ -1,9 +1,11 @@
 """Deciding what runs each step: continuous batching over a paged KV cache and a pool of adapter slots.
 
 Every step, running sequences get room for their next token (preempting the newest by recompute if
-the cache is full), then waiting sequences are admitted first come, first served, while the batch,
-the token budget, the KV cache and the adapter slots allow. A waiting request whose adapter cannot
-get a slot now lets later requests for resident adapters go ahead of it.
+the cache is full), then waiting sequences are admitted while the batch, the token budget, the KV
+cache and the adapter slots allow: round-robin across tenants (each tenant's own in arrival order,
+starting after the tenant admitted last), so one tenant's burst cannot starve the others; with one
+tenant that is first come, first served. A waiting request whose adapter cannot get a slot now lets
+later requests for resident adapters go ahead of it.
 """
 
 from collections import deque
@@ -43,6 +45,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self._last_tenant: str | None = None  # the round-robin's position
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -97,26 +100,43 @@ class Scheduler:
         self.preemptions += 1
 
     def _admit_waiting(self, token_budget: int) -> list[Sequence]:
-        admitted, passed_over = [], []
-        while self.waiting and len(self.running) < self.limits.max_num_seqs:
-            seq = self.waiting[0]
+        admitted = []
+        for seq in self._fair_order():
+            if len(self.running) >= self.limits.max_num_seqs:
+                break
             tokens = seq.length
             if tokens > token_budget and (admitted or self.running):
                 break
             needed = self.blocks.blocks_for(tokens)
             if not self.blocks.can_allocate(needed + self._watermark()):
                 break
-            self.waiting.popleft()
             if seq.adapter is not None and self.slots.acquire(seq.adapter) is None:
-                passed_over.append(seq)  # every slot busy with running adapters: let others go ahead
-                continue
+                continue  # every slot busy with running adapters: let others go ahead, it keeps its place
+            self.waiting.remove(seq)
             seq.block_table = self.blocks.allocate(needed)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             admitted.append(seq)
             token_budget -= tokens
-        self.waiting.extendleft(reversed(passed_over))
+            self._last_tenant = seq.tenant
         return admitted
+
+    def _fair_order(self) -> list[Sequence]:
+        """The waiting queue interleaved by tenant: one of each tenant's in turn, the tenants in order of
+        their first waiting sequence, rotated to start after the tenant admitted last."""
+        queues: dict[str | None, list[Sequence]] = {}
+        for seq in self.waiting:
+            queues.setdefault(seq.tenant, []).append(seq)
+        if len(queues) <= 1:
+            return list(self.waiting)
+        tenants = list(queues)
+        if self._last_tenant in queues:
+            start = tenants.index(self._last_tenant) + 1
+            tenants = tenants[start:] + tenants[:start]
+        order = []
+        for turn in range(max(len(q) for q in queues.values())):
+            order += [queues[t][turn] for t in tenants if turn < len(queues[t])]
+        return order
 
     def _watermark(self) -> int:
         """Blocks kept free at admission so running sequences can grow without preempting the newcomer

@@ -63,6 +63,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: LoraAdapter | None = None
+    tenant: str | None = None  # whose request: admission is shared round-robin across tenants
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None

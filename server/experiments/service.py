@@ -9,7 +9,7 @@ after a response was received always counts it.
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -153,13 +153,14 @@ class ExperimentService:
             return
         write.add_done_callback(_log_failure)
 
-    def feedback(self, request_id: str, score: float) -> Assignment:
+    def feedback(self, request_id: str, score: float, allowed: Callable[[str], bool] | None = None) -> Assignment:
         """Attach a score (binary as 0/1, or any finite number) to the request's variant, once.
-        `request_id` is the bare id or the response id (`cmpl-<id>`, `chatcmpl-<id>`)."""
+        `request_id` is the bare id or the response id (`cmpl-<id>`, `chatcmpl-<id>`); a request of an
+        experiment whose name is not `allowed` answers as an unknown one."""
         if not math.isfinite(score):
             raise ValueError("score must be a finite number")
         bare = [request_id.removeprefix(p) for p in RESPONSE_ID_PREFIXES if request_id.startswith(p)]
-        assignment = self._store.score([request_id, *bare], float(score))
+        assignment = self._store.score([request_id, *bare], float(score), allowed)
         if self._observer is not None:
             self._observer.feedback(assignment, float(score))
         return assignment

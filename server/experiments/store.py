@@ -7,6 +7,7 @@ One row per request, filled in as it goes: assigned (before inference), finished
 """
 
 import threading
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 
@@ -135,12 +136,16 @@ class ExperimentStore:
             session.execute(update(_RequestRow).where(_RequestRow.request_id == request_id)
                             .values(finished_at=_now(), **asdict(outcome)))
 
-    def score(self, request_ids: list[str], score: float) -> Assignment:
+    def score(self, request_ids: list[str], score: float,
+              allowed: Callable[[str], bool] | None = None) -> Assignment:
         """Attach feedback to the first of `request_ids` (candidate spellings of one id) that was recorded;
-        return its assignment. RequestNotFoundError if none was; DuplicateFeedbackError if it has a score."""
+        return its assignment. RequestNotFoundError if none was (or its experiment's name is not
+        `allowed`); DuplicateFeedbackError if it has a score."""
         with self._write_lock, self._sessions.begin() as session:
             row = next(filter(None, (session.get(_RequestRow, i) for i in request_ids)), None)
-            if row is None:
+            experiment = None if row is None else session.scalar(
+                select(_ExperimentRow.name).where(_ExperimentRow.id == row.experiment_id))
+            if row is None or (allowed is not None and not allowed(experiment)):
                 raise RequestNotFoundError(f"no experiment served a request with id {request_ids[0]!r}")
             scored = session.execute(
                 update(_RequestRow).where(_RequestRow.request_id == row.request_id, _RequestRow.score.is_(None))
@@ -148,7 +153,6 @@ class ExperimentStore:
             )
             if scored.rowcount == 0:
                 raise DuplicateFeedbackError(f"request {row.request_id!r} already has feedback")
-            experiment = session.scalar(select(_ExperimentRow.name).where(_ExperimentRow.id == row.experiment_id))
             return Assignment(experiment, row.variant, row.adapter, row.request_id)
 
     def records(self, name: str) -> list[RequestRecord]:

@@ -8,6 +8,7 @@ with `B' = g ⊙ scale·B` (g = 1 for plain LoRA).
 
 import json
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.pkl")
 _ALLOWED_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+# A LoRA adapter's header lists a few hundred tensors: kilobytes. Refused before parsing above this.
+MAX_HEADER_BYTES = 1024**2
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 
 
@@ -105,11 +108,29 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
         if pickles:
             raise AdapterValidationError([f"{pickles[0]}: pickle files are refused; provide {WEIGHTS_FILE}"])
         raise AdapterValidationError([f"{WEIGHTS_FILE}: missing"])
+    problem = _header_problem(path)
+    if problem is not None:
+        raise AdapterValidationError([f"{WEIGHTS_FILE}: not a valid safetensors file ({problem})"])
     try:
         with safe_open(str(path), framework="pt") as f:
             return {key: f.get_tensor(key) for key in f.keys()}
     except Exception as exc:  # safetensors raises several types for a corrupt file; all mean the same
         raise AdapterValidationError([f"{WEIGHTS_FILE}: not a valid safetensors file ({exc})"]) from None
+
+
+def _header_problem(path: Path) -> str | None:
+    """Check the 8-byte little-endian header length before anything parses the header."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+    if len(prefix) < 8:
+        return f"truncated: {size} bytes, not even a header length"
+    (length,) = struct.unpack("<Q", prefix)
+    if length > MAX_HEADER_BYTES:
+        return f"header of {length} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes"
+    if 8 + length > size:
+        return f"truncated: the header claims {length} bytes but the file has {size - 8} after its length"
+    return None
 
 
 def _group_by_module(

@@ -12,6 +12,7 @@ Any SQLAlchemy URL works (SQLite for one server, PostgreSQL when replicas share 
 """
 
 import threading
+from collections.abc import Collection
 from dataclasses import asdict, fields
 from datetime import UTC, datetime
 
@@ -127,9 +128,12 @@ class Catalogue:
             rows = session.scalars(_live().where(_VersionRow.name == name).order_by(_VersionRow.version))
             return [_record(r) for r in rows]
 
-    def list_adapters(self, limit: int = 50, offset: int = 0) -> Page:
-        """Names with at least one live version, ordered by name, `limit` of them from `offset`."""
+    def list_adapters(self, limit: int = 50, offset: int = 0, only: Collection[str] | None = None) -> Page:
+        """Names with at least one live version (among `only`, if given), ordered by name, `limit` of
+        them from `offset`."""
         live_names = select(_VersionRow.name).where(_VersionRow.deleted_at.is_(None)).distinct()
+        if only is not None:
+            live_names = live_names.where(_VersionRow.name.in_(list(only)))
         with self._sessions() as session:
             total = session.scalar(select(func.count()).select_from(live_names.subquery()))
             names = list(session.scalars(live_names.order_by(_VersionRow.name).limit(limit).offset(offset)))

@@ -9,6 +9,7 @@ unreferenced blob, which is harmless (same content, same key, reused by the next
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol
@@ -92,12 +93,14 @@ class AdapterRegistry:
     # ---- adding adapters ------------------------------------------------------------------------
 
     def upload(self, name: str, description: str, config_file: ByteSource, weights_file: ByteSource,
-               source: AdapterSource = "upload") -> AdapterRecord:
+               source: AdapterSource = "upload", max_bytes: int | None = None) -> AdapterRecord:
         """Store a new version of `name` from the two files' bytes (bytes, binary file objects or chunk
         iterables, read in chunks). Raises InvalidNameError, NameConflictError (name is an alias),
-        UploadTooLargeError, AdapterValidationError; on any of them nothing is stored."""
+        UploadTooLargeError (above max_upload_bytes, or `max_bytes` when smaller), AdapterValidationError;
+        on any of them nothing is stored."""
         self.catalogue.check_adapter_name(name)  # before reading a large body for nothing
-        staged = self.blobs.stage(config_file, weights_file, self.max_upload_bytes)
+        limit = self.max_upload_bytes if max_bytes is None else min(max_bytes, self.max_upload_bytes)
+        staged = self.blobs.stage(config_file, weights_file, limit)
         return self._add(name, staged, description, source)
 
     def register_directory(self, name: str, path: Path, source: AdapterSource = "disk") -> Registration:
@@ -226,9 +229,10 @@ class AdapterRegistry:
         return newest is not None and newest.deleted and newest.blob_key == key_of_directory(directory)
 
     # Last in the class body: a method named `list` would shadow the builtin in later annotations.
-    def list(self, limit: int = 50, offset: int = 0) -> Page:
-        """Adapter names with their live versions, ordered by name, one page of them and the total."""
-        return self.catalogue.list_adapters(limit, offset)
+    def list(self, limit: int = 50, offset: int = 0, only: "Collection[str] | None" = None) -> Page:
+        """Adapter names (among `only`, if given) with their live versions, ordered by name, one page of
+        them and the total."""
+        return self.catalogue.list_adapters(limit, offset, only)
 
 
     def latest_versions(self) -> "list[AdapterRecord]":  # `list` is a method name in this class

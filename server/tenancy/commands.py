@@ -1,0 +1,66 @@
+"""`loraserve keys create|list|revoke`: manage API keys directly in the catalogue of an adapters directory
+(no server needed; a running server sees the change at its next request)."""
+
+import argparse
+import json
+from pathlib import Path
+
+from server.config import Settings
+
+
+def add_parser(commands) -> None:
+    keys = commands.add_parser("keys", help="create, list and revoke API keys in the catalogue")
+    keys.add_argument("--adapters-dir", type=Path, dest="adapters_dir", help="adapter store directory")
+    keys.add_argument("--catalogue-url", dest="catalogue_url", help="SQLAlchemy URL of the catalogue")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a key and print its secret (shown once)")
+    create.add_argument("--role", choices=["admin", "tenant"], default="tenant")
+    create.add_argument("--tenant", help="the tenant of a tenant key (created if new)")
+    create.add_argument("--label", default="")
+    actions.add_parser("list", help="list keys (never their secrets)")
+    revoke = actions.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    keys.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from server.registry.catalogue import Catalogue
+    from server.registry.registry import STATE_DIR  # imports torch: only when a keys command runs
+    from server.tenancy.keys import KeyStore
+
+    overrides = {k: getattr(args, k) for k in ("adapters_dir", "catalogue_url") if getattr(args, k, None) is not None}
+    settings = Settings(**overrides)
+    state = Path(settings.adapters_dir) / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    catalogue = Catalogue(settings.catalogue_url or f"sqlite:///{state.resolve() / 'catalogue.db'}")
+    try:
+        return _ACTIONS[args.action](KeyStore(catalogue.engine), args)
+    finally:
+        catalogue.close()
+
+
+def _create(store, args: argparse.Namespace) -> int:
+    if args.role == "tenant" and not args.tenant:
+        raise SystemExit("a tenant key needs --tenant NAME")
+    if args.tenant and not store.tenant_exists(args.tenant):
+        store.create_tenant(args.tenant)
+    key, secret = store.create_key(args.role, args.tenant if args.role == "tenant" else None, args.label)
+    print(json.dumps({"id": key.id, "role": key.role, "tenant": key.tenant, "key": secret}))
+    return 0
+
+
+def _list(store, args: argparse.Namespace) -> int:
+    for key in store.keys():
+        revoked = key.revoked_at.isoformat() if key.revoked_at else None
+        print(json.dumps({"id": key.id, "role": key.role, "tenant": key.tenant, "label": key.label,
+                          "created": key.created_at.isoformat(), "revoked": revoked}))
+    return 0
+
+
+def _revoke(store, args: argparse.Namespace) -> int:
+    key = store.revoke(args.key_id)
+    print(json.dumps({"id": key.id, "revoked": key.revoked_at.isoformat()}))
+    return 0
+
+
+_ACTIONS = {"create": _create, "list": _list, "revoke": _revoke}
