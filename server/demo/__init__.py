@@ -1,1 +1,2 @@
-"""The demo that ships: a tiny byte-level Llama that copies text, and LoRA adapters that transform the copy."""
+"""The demo that ships: a tiny byte-level Llama that copies text, and LoRA adapters that transform
+the copy."""

@@ -10,6 +10,9 @@ import zlib
 from collections.abc import Callable, Iterator
 
 ALPHABET = string.ascii_lowercase + " "
+# The base copies mixed case, so it already writes upper-case letters: on a base that never wrote them,
+# the `upper` adapter (which leaves the output head alone) did not learn at all.
+BASE_ALPHABET = string.ascii_letters + " "
 MIN_LEN, MAX_LEN = 3, 16
 SEPARATOR = "\n"
 
@@ -37,19 +40,19 @@ def is_held_out(text: str) -> bool:
     return zlib.crc32(text.encode()) % 8 == 0
 
 
-def _random_text(rng: random.Random) -> str:
+def _random_text(rng: random.Random, alphabet: str = ALPHABET) -> str:
     # No leading/trailing/double spaces: a copy of "  a" is hard to judge by eye, and never needed.
     while True:
-        text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(MIN_LEN, MAX_LEN)))
-        if text == " ".join(text.split()) and len(text) >= MIN_LEN:
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(MIN_LEN, MAX_LEN)))
+        if text == " ".join(text.split()):
             return text
 
 
-def training_texts(seed: int) -> Iterator[str]:
-    """An endless stream of training strings, none of them held out."""
-    rng = random.Random(seed)
+def training_texts(task: str, seed: int) -> Iterator[str]:
+    """An endless stream of training strings for `task`, none of them held out."""
+    rng, alphabet = random.Random(seed), BASE_ALPHABET if task == BASE_TASK else ALPHABET
     while True:
-        text = _random_text(rng)
+        text = _random_text(rng, alphabet)
         if not is_held_out(text):
             yield text
 
