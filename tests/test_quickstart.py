@@ -1,4 +1,4 @@
-"""docs/quickstart.md, request by request, against a started server on the shipped demo."""
+"""README's quickstart, request by request, against a started server on the shipped demo."""
 
 import shutil
 from pathlib import Path
@@ -67,3 +67,25 @@ def test_upload_an_adapter_and_use_it(server):
     assert complete(server.url, "shout", "loraserve works\n")["choices"][0]["text"] == "LORASERVE WORKS"
     listed = httpx.get(server.url + "/v1/adapters").json()
     assert "shout" in [a["name"] for a in listed["data"]]
+
+
+def test_small_ab_experiment(server):
+    """Create, route with sticky keys, give feedback, read the verdict, promote the winner to an alias."""
+    experiment = {"name": "shouty-or-backwards", "status": "running",
+                  "variants": [{"name": "A", "adapter": "upper", "weight": 1},
+                               {"name": "B", "adapter": "reverse", "weight": 1}]}
+    assert httpx.post(server.url + "/v1/experiments", json=experiment).status_code == 201
+    for i in range(80):
+        body = {"model": "shouty-or-backwards", "prompt": PROMPT, "max_tokens": 20, "temperature": 0,
+                "user": f"user-{i}"}
+        response = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        variant = response.headers["x-experiment-variant"]
+        assert response.json()["choices"][0]["text"] == ANSWERS["upper" if variant == "A" else "reverse"]
+        score = 1 if variant == "B" or i % 3 == 0 else 0
+        feedback = {"request_id": response.json()["id"], "score": score}
+        assert httpx.post(server.url + "/v1/feedback", json=feedback).status_code == 201
+    results = httpx.get(server.url + "/v1/experiments/shouty-or-backwards/results").json()
+    assert results["verdict"]["enough_data"] and results["verdict"]["winner"] == "B"
+    stop = {"status": "stopped", "promote": {"alias": "house-style"}}
+    assert httpx.patch(server.url + "/v1/experiments/shouty-or-backwards", json=stop).status_code == 200
+    assert complete(server.url, "house-style")["choices"][0]["text"] == ANSWERS["reverse"]
