@@ -7,29 +7,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from peft import LoraConfig, get_peft_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import GPT2Config, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, LlamaConfig, PreTrainedModel
 
 from server.config import Settings
+from server.demo.tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, byte_tokenizer  # noqa: F401 (re-exported)
 from server.engine.engine import LLMEngine
 from server.engine.model_loader import load_tokenizer
 
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer: 3 special tokens, then one token per byte (no merges)."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + sorted(alphabet))}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
-
-
-VOCAB = 3 + 256
+VOCAB = VOCAB_SIZE
 
 
 def llama_config(**overrides) -> LlamaConfig:
