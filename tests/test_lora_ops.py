@@ -51,7 +51,7 @@ def test_fast_path_matches_reference(shape, tokens, long_run_min):
     base = torch.randn(tokens, D_OUT)
     expected, got = base.clone(), base.clone()
     add_lora_reference(expected, x, lora_a, lora_b, slots)
-    add_lora(got, x, lora_a, lora_b, RANKS, MAX_RANK, plan_runs(slots, long_run_min, x.device))
+    add_lora(got, x, lora_a, lora_b, RANKS, plan_runs(slots, long_run_min, x.device))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     if any(s >= 0 for s in slots):
         assert not torch.allclose(got, base), "the adapters must change something for this test to mean anything"
@@ -64,7 +64,7 @@ def test_unsorted_slots_are_still_correct():
     x = torch.randn(len(slots), D_IN)
     expected, got = torch.zeros(len(slots), D_OUT), torch.zeros(len(slots), D_OUT)
     add_lora_reference(expected, x, lora_a, lora_b, slots)
-    add_lora(got, x, lora_a, lora_b, RANKS, MAX_RANK, plan_runs(slots, 4, x.device))
+    add_lora(got, x, lora_a, lora_b, RANKS, plan_runs(slots, 4, x.device))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -72,9 +72,35 @@ def test_plan_splits_long_and_short_runs():
     plan = plan_runs([-1, -1, 0, 0, 0, 3, 3, 3, 3, 3, 1], long_run_min=4, device=torch.device("cpu"))
     assert [(r.start, r.end, r.slot) for r in plan.long_runs] == [(5, 10, 3)]
     assert plan.padded.token_index.tolist() == [2, 3, 4, 10]
-    assert (plan.padded.slot_lo, plan.padded.slot_hi, plan.padded.max_len) == (0, 1, 3)
+    assert (plan.padded.slots, plan.padded.slot_index, plan.padded.max_len) == ((0, 1), None, 3)
     assert plan.padded.pad_index.tolist() == [0, 1, 2, 3]
     assert not plan_runs([-1, -1], 4, torch.device("cpu")).has_lora
+
+
+def test_scattered_slots_are_gathered_not_spanned():
+    """Slots 0 and 7 in use: the grid holds 2 slots, not the 8 of their range, and the result is exact."""
+    slots = [0, 0, 7, 7, 7]
+    plan = plan_runs(slots, long_run_min=8, device=torch.device("cpu"))
+    assert plan.padded.slots == (0, 7) and plan.padded.slot_index.tolist() == [0, 7]
+    lora_a, lora_b = _slot_buffers(seed=5)
+    x = torch.randn(len(slots), D_IN)
+    expected, got = torch.zeros(len(slots), D_OUT), torch.zeros(len(slots), D_OUT)
+    add_lora_reference(expected, x, lora_a, lora_b, slots)
+    add_lora(got, x, lora_a, lora_b, RANKS, plan)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_padding_uses_the_largest_rank_in_the_step():
+    """Slots of rank 4 and 2 only: a rank-16 resident elsewhere must not widen the bmm (it would still be
+    exact, zeros times zeros, so check the plan's effect through a poisoned padding column)."""
+    slots = [0, 0, 3, 3]  # ranks 4 and 2
+    lora_a, lora_b = _slot_buffers(seed=6)
+    lora_a[0, :, 4:] = float("nan")  # beyond slot 0's rank: must never be read
+    x = torch.randn(len(slots), D_IN)
+    expected, got = torch.zeros(len(slots), D_OUT), torch.zeros(len(slots), D_OUT)
+    add_lora_reference(expected, x, torch.nan_to_num(lora_a), lora_b, slots)
+    add_lora(got, x, lora_a, lora_b, RANKS, plan_runs(slots, 8, x.device))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
@@ -85,6 +111,6 @@ def test_low_precision_dtypes_stay_close(dtype, tol):
     expected = torch.zeros(48, D_OUT)
     add_lora_reference(expected, x, lora_a, lora_b, slots)
     got = torch.zeros(48, D_OUT, dtype=dtype)
-    add_lora(got, x.to(dtype), lora_a.to(dtype), lora_b.to(dtype), RANKS, MAX_RANK,
+    add_lora(got, x.to(dtype), lora_a.to(dtype), lora_b.to(dtype), RANKS,
              plan_runs(slots, 8, x.device))
     torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())

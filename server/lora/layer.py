@@ -52,7 +52,7 @@ class LoraLinear(nn.Module):
             if bias is not None:
                 out = out + bias
         if slots is not None and batch.plan is not None and batch.plan.has_lora:
-            add_lora(out, flat, slots.lora_a, slots.lora_b, slots.slot_ranks, slots.max_resident_rank, batch.plan)
+            add_lora(out, flat, slots.lora_a, slots.lora_b, slots.slot_ranks, batch.plan)
         return out.view(*x.shape[:-1], self.out_features)
 
     def _matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -30,21 +30,25 @@ class Run:
 
 @dataclass(frozen=True)
 class PaddedRuns:
-    """Short runs gathered into a (slot range × max_len) grid for one bmm pair.
+    """Short runs gathered into a (slots in use × max_len) grid for one bmm pair.
 
-    token_index[i] is a token of the batch; pad_index[i] its row in the flattened grid
-    (slot - slot_lo) * max_len + position within its run.
+    token_index[i] is a token of the batch; pad_index[i] its row in the flattened grid:
+    (position of its slot in `slots`) * max_len + position within that slot's tokens.
+    When the slots in use fill most of their range, the grid spans the whole range [slot_lo, slot_hi]
+    and the stacked weights are read as a view; when they are sparse (LRU leaves residents scattered),
+    only the slots in use are gathered, so idle slots cost nothing.
     """
 
     token_index: torch.Tensor
     pad_index: torch.Tensor
-    slot_lo: int
-    slot_hi: int  # inclusive
+    slots: tuple[int, ...]  # the grid's slots, in grid order
+    used_slots: tuple[int, ...]  # the slots that have tokens (a dense grid may span idle ones)
+    slot_index: torch.Tensor | None  # None: `slots` is the contiguous range, read as a view
     max_len: int
 
     @property
     def num_rows(self) -> int:
-        return (self.slot_hi - self.slot_lo + 1) * self.max_len
+        return len(self.slots) * self.max_len
 
 
 @dataclass(frozen=True)
@@ -81,28 +85,31 @@ def plan_runs(token_slots: list[int], long_run_min: int, device: torch.device,
 
 
 def _pad_short_runs(runs: list[Run], device: torch.device) -> PaddedRuns:
-    slot_lo = min(r.slot for r in runs)
-    slot_hi = max(r.slot for r in runs)
     per_slot: dict[int, list[int]] = {}  # a slot may have several short runs (split by a long run)
     for r in runs:
         per_slot.setdefault(r.slot, []).extend(range(r.start, r.end))
+    slot_lo, slot_hi = min(per_slot), max(per_slot)
+    dense = slot_hi - slot_lo + 1 <= 2 * len(per_slot)
+    slots = tuple(range(slot_lo, slot_hi + 1)) if dense else tuple(sorted(per_slot))
+    position = {slot: i for i, slot in enumerate(slots)}
     max_len = max(len(tokens) for tokens in per_slot.values())
     tokens, rows = [], []
     for slot, slot_tokens in per_slot.items():
         tokens.extend(slot_tokens)
-        rows.extend((slot - slot_lo) * max_len + k for k in range(len(slot_tokens)))
+        rows.extend(position[slot] * max_len + k for k in range(len(slot_tokens)))
     return PaddedRuns(
         token_index=torch.tensor(tokens, dtype=torch.long, device=device),
         pad_index=torch.tensor(rows, dtype=torch.long, device=device),
-        slot_lo=slot_lo,
-        slot_hi=slot_hi,
+        slots=slots,
+        used_slots=tuple(sorted(per_slot)),
+        slot_index=None if dense else torch.tensor(slots, dtype=torch.long, device=device),
         max_len=max_len,
     )
 
 
 def add_lora(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-             slot_ranks: list[int], rank_cap: int, plan: LoraPlan) -> None:
-    """out (T, d_out) += each token's own low-rank delta, in place. `rank_cap` bounds the padded rank."""
+             slot_ranks: list[int], plan: LoraPlan) -> None:
+    """out (T, d_out) += each token's own low-rank delta, in place."""
     for runs, sign in ((plan.long_runs, 1), (plan.subtract, -1)):
         for run in runs:
             rank = slot_ranks[run.slot]
@@ -110,14 +117,22 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
                 shrunk = x[run.start:run.end] @ lora_a[run.slot, :, :rank]
                 out[run.start:run.end].addmm_(shrunk, lora_b[run.slot, :rank], alpha=sign)
     padded = plan.padded
-    if padded is not None and rank_cap:
-        groups = padded.slot_hi - padded.slot_lo + 1
-        grid = x.new_zeros(padded.num_rows, x.shape[1])
-        grid.index_copy_(0, padded.pad_index, x.index_select(0, padded.token_index))
-        a = lora_a[padded.slot_lo:padded.slot_hi + 1, :, :rank_cap]
-        b = lora_b[padded.slot_lo:padded.slot_hi + 1, :rank_cap]
-        delta = torch.bmm(torch.bmm(grid.view(groups, padded.max_len, -1), a), b)
-        out.index_add_(0, padded.token_index, delta.view(padded.num_rows, -1).index_select(0, padded.pad_index))
+    if padded is None:
+        return
+    # Pad only to the largest rank among this step's slots for this module, not the buffers' maximum.
+    rank = max(slot_ranks[slot] for slot in padded.used_slots)
+    if not rank:
+        return
+    if padded.slot_index is None:
+        a = lora_a[padded.slots[0]:padded.slots[-1] + 1, :, :rank]
+        b = lora_b[padded.slots[0]:padded.slots[-1] + 1, :rank]
+    else:
+        a = lora_a[padded.slot_index, :, :rank]
+        b = lora_b[padded.slot_index, :rank]
+    grid = x.new_zeros(padded.num_rows, x.shape[1])
+    grid.index_copy_(0, padded.pad_index, x.index_select(0, padded.token_index))
+    delta = torch.bmm(torch.bmm(grid.view(len(padded.slots), padded.max_len, -1), a), b)
+    out.index_add_(0, padded.token_index, delta.view(padded.num_rows, -1).index_select(0, padded.pad_index))
 
 
 def add_lora_reference(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,

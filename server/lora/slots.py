@@ -25,7 +25,6 @@ class ModuleSlots:
         # Row `num_slots` is all ones: the DoRA factor of tokens without an adapter (or plain LoRA).
         self.dora_scale = torch.ones(num_slots + 1, target.out_features, dtype=dtype, device=device)
         self.slot_ranks = [0] * num_slots
-        self.max_resident_rank = 0
 
     def write(self, slot: int, weights: LoraModuleWeights | None) -> None:
         """Put one adapter's weights for this module in `slot` (None: the adapter leaves it alone)."""
@@ -42,7 +41,6 @@ class ModuleSlots:
             if weights.dora_scale is not None:
                 self.dora_scale[slot].copy_(weights.dora_scale)
         self.slot_ranks[slot] = rank
-        self.max_resident_rank = max(self.slot_ranks)
 
 
 class LoraSlotPool:
