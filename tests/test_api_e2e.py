@@ -149,6 +149,9 @@ def test_errors_have_the_openai_shape(server):
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
     response = httpx.post(server.url + "/v1/completions", json={"model": "task0", "prompt": "x" * 300, "max_tokens": 10})
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'loraserve_request_errors_total{adapter="task0@1",status="400"}' in metrics
+    assert 'loraserve_request_errors_total{adapter="unresolved",status="404"}' in metrics
 
 
 def test_metrics_carry_adapter_labels(server, client):

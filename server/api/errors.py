@@ -75,10 +75,23 @@ def domain_error_status(exc: Exception) -> tuple[int, str] | None:
     return None
 
 
+INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+def _counted(request: Request, response: JSONResponse) -> JSONResponse:
+    """Count a refused or failed inference request under the adapter it resolved to (if it got that far:
+    unresolved names are not used as labels, so callers cannot grow the label set at will)."""
+    state = getattr(request.app.state, "loraserve", None)
+    if state is not None and request.url.path in INFERENCE_PATHS:
+        label = getattr(request.state, "metrics_label", "unresolved")
+        state.metrics.errors.labels(label, str(response.status_code)).inc()
+    return response
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+        return _counted(request, error_response(exc.status, exc.message, exc.param, exc.code, exc.headers))
 
     @app.exception_handler(errors.LoraserveError)
     async def _domain_error(request: Request, exc: errors.LoraserveError):
@@ -86,24 +99,24 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = _HEADERS.get(status)
         if isinstance(exc, tenancy_errors.RateLimitedError):
             headers = {"Retry-After": str(exc.retry_after)}
-        return error_response(status, str(exc), code=code, headers=headers)
+        return _counted(request, error_response(status, str(exc), code=code, headers=headers))
 
     @app.exception_handler(ValueError)
     async def _value_error(request: Request, exc: ValueError):
-        return error_response(400, str(exc), code="invalid_value")
+        return _counted(request, error_response(400, str(exc), code="invalid_value"))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
         message = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors())
-        return error_response(400, message, ".".join(loc) or None, "invalid_parameter")
+        return _counted(request, error_response(400, message, ".".join(loc) or None, "invalid_parameter"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail))
+        return _counted(request, error_response(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error")
-        return error_response(500, "internal server error", code="internal_error")
+        return _counted(request, error_response(500, "internal server error", code="internal_error"))

@@ -79,16 +79,13 @@ class InferenceService:
             finally:
                 await queue.put(None)
 
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        # One choice (the usual case) is read directly: no task and no second queue per token.
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)] if len(streams) > 1 else []
         timing = _Timing(self.metrics, target.label, started)
         last: dict[int, RequestOutput] = {}  # each choice's latest output
         try:
-            remaining = len(tasks)
-            while remaining:
-                item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                    continue
+            items = _direct(streams[0]) if not tasks else _until_all_done(queue, len(tasks))
+            async for item in items:
                 timing.observe(item.output)
                 last[item.index] = item.output
                 if item.output.finished:
@@ -157,3 +154,18 @@ class _Timing:
     def finish(self) -> None:
         if self._last is not None:
             self._metrics.e2e.labels(self._label).observe(self.total)
+
+
+async def _direct(stream: RequestStream) -> AsyncIterator[ChoiceOutput]:
+    async for output in stream:
+        yield ChoiceOutput(0, output)
+
+
+async def _until_all_done(queue: "asyncio.Queue[ChoiceOutput | None]", producers: int) -> AsyncIterator[ChoiceOutput]:
+    """Items from the queue until each producer has sent its end marker (None)."""
+    while producers:
+        item = await queue.get()
+        if item is None:
+            producers -= 1
+        else:
+            yield item

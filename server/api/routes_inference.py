@@ -106,6 +106,7 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
     release = _admit(request, state, body.max_tokens * body.n * len(prompts))
     try:
         target = await state.models.resolve(body.model, _caller(request, body.user), caller(request))
+        request.state.metrics_label = target.label
         outputs = await state.inference.run(response_id, prompts, params, body.n, target, "completions",
                                             caller(request).tenant)
         if body.stream:
@@ -155,6 +156,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
     release = _admit(request, state, max_tokens * body.n)
     try:
         target = await state.models.resolve(body.model, _caller(request, body.user), caller(request))
+        request.state.metrics_label = target.label
         outputs = await state.inference.run(response_id, [prompt], params, body.n, target, "chat",
                                             caller(request).tenant)
         if body.stream:

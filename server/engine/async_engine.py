@@ -113,11 +113,20 @@ class AsyncEngine:
             future.set_exception(exc)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their event loops: one thread-safe wake-up per loop and step, not one
+        per token (64 per step at a full batch)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:
                 loop, outputs_queue = stream
-                loop.call_soon_threadsafe(outputs_queue.put_nowait, output)
+                by_loop.setdefault(loop, []).append((outputs_queue, output))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for outputs_queue, output in items:
+        outputs_queue.put_nowait(output)
 
 
 class RequestStream:
