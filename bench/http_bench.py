@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import json
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ from server.engine.engine import LLMEngine
 from server.engine.model_loader import load_base_model, load_tokenizer
 from server.engine.sequence import SamplingParams
 from tests.factories import build_model, llama_config, make_adapter, save_model
-from tests.server_harness import free_port
+from bench.server_process import ServerProcess
 
 RESULTS_DIR = Path(__file__).parent / "results"
 GOAL_MAX_LOSS = 0.10  # HTTP may cost at most 10% of the engine's throughput
@@ -129,38 +127,6 @@ async def upload_to_first_token(url: str, adapter_dir: Path) -> dict:
             "upload_to_first_token_s": first - started}
 
 
-class ServerProcess:
-    """`loraserve serve` in a subprocess, on a free loopback port."""
-
-    def __init__(self, base_dir: Path, store: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, **{f"LORASERVE_{k.upper()}": str(v) for k, v in {
-            "kv_cache_memory": 2 * 1024**3, "max_loras": 32, "max_lora_rank": 32, "max_num_seqs": 64,
-            "max_batch_tokens": 4096, "dtype": "float32", "device": "cpu", "log_format": "text"}.items()}}
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--model", str(base_dir), "--adapters-dir", str(store),
-             "--port", str(self.port), "--served-model-name", "base"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def __enter__(self) -> "ServerProcess":
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if self._process.poll() is not None:
-                raise RuntimeError("the server exited during start-up")
-            time.sleep(0.5)
-        raise RuntimeError("the server did not become ready")
-
-    def __exit__(self, *exc) -> None:
-        self._process.terminate()
-        self._process.wait(timeout=60)
-
-
 def report(rounds: dict[str, list[tuple[float, int]]], cold: dict, shape: dict) -> dict:
     best = {name: max(tokens / seconds for seconds, tokens in runs) for name, runs in rounds.items()}
     ratio = best["http"] / best["engine"]
@@ -223,7 +189,9 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(shape["adapters"]):
             engine.load_adapter(f"a{i:02d}", store / f"a{i:02d}")
         rounds: dict[str, list[tuple[float, int]]] = {"engine": [], "http": []}
-        with ServerProcess(base_dir, store) as server:
+        server_settings = {"kv_cache_memory": 2 * 1024**3, "max_loras": 32, "max_lora_rank": 32, "max_num_seqs": 64,
+                           "max_batch_tokens": 4096, "dtype": "float32", "device": "cpu", "log_format": "text"}
+        with ServerProcess(base_dir, store, server_settings) as server:
             log("warming up both paths")
             engine_round(engine, work)
             asyncio.run(http_round(server.url, work))

@@ -19,7 +19,6 @@ import asyncio
 import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from tests.factories import build_model, llama_config, make_adapter, save_model
-from tests.server_harness import free_port
+from bench.server_process import ServerProcess
 
 RESULTS = Path(__file__).parent / "results" / "load_test.json"
 ADMIN_KEY = "load-test-admin-" + os.urandom(8).hex()
@@ -64,41 +63,10 @@ def build(root: Path, model: Path | None, adapters: int) -> tuple[Path, list[Pat
     return base, dirs
 
 
-class Server:
-    def __init__(self, base: Path, store: Path, args: argparse.Namespace):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "LORASERVE_ADMIN_KEY": ADMIN_KEY,
-               "LORASERVE_TENANT_REQUESTS_PER_MINUTE": str(args.rpm), "LORASERVE_DTYPE": "float32",
-               "LORASERVE_DEVICE": "cpu", "LORASERVE_KV_CACHE_MEMORY": str(256 * 1024**2),
-               "LORASERVE_LOG_FORMAT": "text", "LORASERVE_TENANT_MAX_CONCURRENT": str(args.clients + 2)}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--model", str(base), "--adapters-dir", str(store),
-             "--port", str(self.port), "--served-model-name", "base"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def __enter__(self) -> "Server":
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if self.process.poll() is not None:
-                raise RuntimeError("the server exited during start-up")
-            time.sleep(0.5)
-        raise RuntimeError("the server did not become ready")
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=60)
-
-    def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
+def start_server(base: Path, store: Path, args: argparse.Namespace) -> ServerProcess:
+    settings = {"admin_key": ADMIN_KEY, "tenant_requests_per_minute": args.rpm, "dtype": "float32", "device": "cpu",
+                "kv_cache_memory": 256 * 1024**2, "log_format": "text", "tenant_max_concurrent": args.clients + 2}
+    return ServerProcess(base, store, settings, extra_env={"OMP_NUM_THREADS": "1"})
 
 
 def _files(directory: Path) -> dict:
@@ -185,7 +153,7 @@ async def run(args: argparse.Namespace) -> int:
         base, sources = build(root, args.model, adapters=3)
         store = root / "store"
         store.mkdir()
-        with Server(base, store, args) as server:
+        with start_server(base, store, args) as server:
             keys = await setup_tenants(server.url, args.tenants, sources)
             await warm_up(server.url, keys)
             rss_before = server.rss_bytes()

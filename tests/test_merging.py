@@ -1,7 +1,6 @@
 """Merged copies: policy on synthetic traffic, the byte budget, and mixed steps that stay exact."""
 
 import pytest
-import torch
 
 from server.engine.merging import MergeManager, MergePolicy, TrafficShares
 from server.engine.sequence import SamplingParams

@@ -8,7 +8,7 @@ import struct
 import httpx
 import pytest
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import save
 
 from server.config import Settings
 from server.lora.adapter import CONFIG_FILE, MAX_HEADER_BYTES, WEIGHTS_FILE

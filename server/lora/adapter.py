@@ -156,7 +156,6 @@ def _group_by_module(
 def _check_module(
     module: str, parts: dict[str, torch.Tensor], spec: LoraSpec, target: TargetModule, max_rank: int
 ) -> list[str]:
-    a, b = parts.get("lora_A.weight"), parts.get("lora_B.weight")
     magnitude = parts.get("lora_magnitude_vector")
     problems = [f"{module}: missing {p}" for p in ("lora_A.weight", "lora_B.weight") if p not in parts]
     if spec.use_dora and magnitude is None:
