@@ -88,6 +88,31 @@ def _usage(choices: list[_Choice], n: int) -> dict:
     return fmt.usage(prompt, sum(c.completion_tokens for c in choices))
 
 
+async def _run(request: Request, state: AppState, body, response_id: str, prompts: list, params: SamplingParams,
+               endpoint: str, tokens: int,
+               to_chunks: Callable[[AsyncIterator[ChoiceOutput]], AsyncIterator[str]]):
+    """Admit against the tenant's limits, resolve `model`, run every choice: a streamed request gets its
+    StreamingResponse, others their collected choices; each with the resolved target.
+
+    `model` is resolved after the parameters were checked, so a request refused for its parameters is
+    not counted against an experiment's variant. The admission is released when the stream ends, or as
+    soon as the request is answered or refused."""
+    release = _admit(request, state, tokens)
+    streaming = None
+    try:
+        target = await state.models.resolve(body.model, _caller(request, body.user), caller(request))
+        request.state.metrics_label = target.label
+        outputs = await state.inference.run(response_id, prompts, params, body.n, target, endpoint,
+                                            caller(request).tenant)
+        if body.stream:
+            streaming = _streaming(to_chunks(outputs), release, _variant_header(target))
+            return streaming, target
+        return await _collect(outputs, len(prompts) * body.n), target
+    finally:
+        if streaming is None:
+            release()
+
+
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     state = app_state(request)
@@ -102,23 +127,11 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
     params = _sampling(body, body.max_tokens, body.logprobs)
     prompts = body.prompts()
     response_id = f"cmpl-{request.state.request_id}"
-    # Resolved last: a request refused for its parameters is not counted against an experiment's variant.
-    release = _admit(request, state, body.max_tokens * body.n * len(prompts))
-    try:
-        target = await state.models.resolve(body.model, _caller(request, body.user), caller(request))
-        request.state.metrics_label = target.label
-        outputs = await state.inference.run(response_id, prompts, params, body.n, target, "completions",
-                                            caller(request).tenant)
-        if body.stream:
-            chunks = _completion_chunks(state, outputs, response_id, body, len(prompts) * body.n)
-            return _streaming(chunks, release, _variant_header(target))
-        choices = await _collect(outputs, len(prompts) * body.n)
-    except BaseException:
-        release()
-        raise
-    finally:
-        if not body.stream:
-            release()
+    choices, target = await _run(
+        request, state, body, response_id, prompts, params, "completions", body.max_tokens * body.n * len(prompts),
+        lambda outputs: _completion_chunks(state, outputs, response_id, body, len(prompts) * body.n))
+    if isinstance(choices, StreamingResponse):
+        return choices
     response.headers.update(_variant_header(target))
     logprobs = fmt.LogprobFormatter(state.tokenizer)
     return fmt.envelope(response_id, "text_completion", body.model, [
@@ -153,21 +166,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
     params = _sampling(body, max_tokens, top)
     prompt = chat_prompt(state.tokenizer, body.messages)
     response_id = f"chatcmpl-{request.state.request_id}"
-    release = _admit(request, state, max_tokens * body.n)
-    try:
-        target = await state.models.resolve(body.model, _caller(request, body.user), caller(request))
-        request.state.metrics_label = target.label
-        outputs = await state.inference.run(response_id, [prompt], params, body.n, target, "chat",
-                                            caller(request).tenant)
-        if body.stream:
-            return _streaming(_chat_chunks(state, outputs, response_id, body), release, _variant_header(target))
-        choices = await _collect(outputs, body.n)
-    except BaseException:
-        release()
-        raise
-    finally:
-        if not body.stream:
-            release()
+    choices, target = await _run(request, state, body, response_id, [prompt], params, "chat", max_tokens * body.n,
+                                 lambda outputs: _chat_chunks(state, outputs, response_id, body))
+    if isinstance(choices, StreamingResponse):
+        return choices
     response.headers.update(_variant_header(target))
     logprobs = fmt.LogprobFormatter(state.tokenizer)
     return fmt.envelope(response_id, "chat.completion", body.model, [
