@@ -32,10 +32,10 @@ def _traffic(shape: str, tokens: int, rng: random.Random) -> list[int]:
 def _slot_buffers(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stacked weights zero-padded beyond each slot's rank, as the slot pool stores them."""
     gen = torch.Generator().manual_seed(seed)
-    lora_a = torch.zeros(NUM_SLOTS, D_IN, MAX_RANK)
+    lora_a = torch.zeros(NUM_SLOTS, MAX_RANK, D_IN)
     lora_b = torch.zeros(NUM_SLOTS, MAX_RANK, D_OUT)
     for slot, rank in enumerate(RANKS):
-        lora_a[slot, :, :rank] = torch.randn(D_IN, rank, generator=gen)
+        lora_a[slot, :rank] = torch.randn(rank, D_IN, generator=gen)
         lora_b[slot, :rank] = torch.randn(rank, D_OUT, generator=gen)
     return lora_a, lora_b
 
@@ -43,7 +43,8 @@ def _slot_buffers(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("shape", ["identical", "distinct", "uniform", "zipf", "skewed", "base_only"])
 @pytest.mark.parametrize("tokens", [1, 7, 64, 200])
 @pytest.mark.parametrize("long_run_min", [1, 8, 10_000])
-def test_fast_path_matches_reference(shape, tokens, long_run_min):
+@pytest.mark.parametrize("by_rank", [False, True], ids=["one-group", "rank-groups"])
+def test_fast_path_matches_reference(shape, tokens, long_run_min, by_rank):
     rng = random.Random(hash((shape, tokens)) & 0xFFFF)
     slots = sorted(_traffic(shape, tokens, rng))  # the runner groups each adapter's tokens
     lora_a, lora_b = _slot_buffers(seed=tokens)
@@ -51,7 +52,8 @@ def test_fast_path_matches_reference(shape, tokens, long_run_min):
     base = torch.randn(tokens, D_OUT)
     expected, got = base.clone(), base.clone()
     add_lora_reference(expected, x, lora_a, lora_b, slots)
-    add_lora(got, x, lora_a, lora_b, RANKS, plan_runs(slots, long_run_min, x.device))
+    plan = plan_runs(slots, long_run_min, x.device, adapter_ranks=RANKS if by_rank else None)
+    add_lora(got, x, lora_a, lora_b, RANKS, plan)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     if any(s >= 0 for s in slots):
         assert not torch.allclose(got, base), "the adapters must change something for this test to mean anything"
@@ -71,17 +73,35 @@ def test_unsorted_slots_are_still_correct():
 def test_plan_splits_long_and_short_runs():
     plan = plan_runs([-1, -1, 0, 0, 0, 3, 3, 3, 3, 3, 1], long_run_min=4, device=torch.device("cpu"))
     assert [(r.start, r.end, r.slot) for r in plan.long_runs] == [(5, 10, 3)]
-    assert plan.padded.token_index.tolist() == [2, 3, 4, 10]
-    assert (plan.padded.slots, plan.padded.slot_index, plan.padded.max_len) == ((0, 1), None, 3)
-    assert plan.padded.pad_index.tolist() == [0, 1, 2, 3]
+    (group,) = plan.groups
+    assert group.token_index.tolist() == [2, 3, 4, 10]
+    assert (group.slots, group.slot_index, group.max_len) == ((0, 1), None, 3)
+    assert group.pad_index.tolist() == [0, 1, 2, 3]
     assert not plan_runs([-1, -1], 4, torch.device("cpu")).has_lora
+
+
+def test_decode_tokens_of_equal_rank_are_read_as_views():
+    """Two tokens for each of slots 0-3 (rank 8) and 4-5 (rank 16): two groups, each grid a view of x and
+    each weight block a view of the buffers, so the step copies nothing."""
+    slots = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    ranks = [8, 8, 8, 8, 16, 16, 0, 0]
+    plan = plan_runs(slots, long_run_min=8, device=torch.device("cpu"), adapter_ranks=ranks)
+    assert [(g.slots, g.max_len, g.token_start) for g in plan.groups] == [((0, 1, 2, 3), 2, 0), ((4, 5), 2, 8)]
+    assert all(g.slot_index is None and g.token_index is None for g in plan.groups)
+
+
+def test_uneven_token_counts_fall_back_to_a_gathered_grid():
+    plan = plan_runs([0, 0, 1, 2, 2], long_run_min=8, device=torch.device("cpu"))
+    (group,) = plan.groups
+    assert group.token_index.tolist() == [0, 1, 2, 3, 4] and group.pad_index.tolist() == [0, 1, 2, 4, 5]
 
 
 def test_scattered_slots_are_gathered_not_spanned():
     """Slots 0 and 7 in use: the grid holds 2 slots, not the 8 of their range, and the result is exact."""
     slots = [0, 0, 7, 7, 7]
     plan = plan_runs(slots, long_run_min=8, device=torch.device("cpu"))
-    assert plan.padded.slots == (0, 7) and plan.padded.slot_index.tolist() == [0, 7]
+    (group,) = plan.groups
+    assert group.slots == (0, 7) and group.slot_index.tolist() == [0, 7]
     lora_a, lora_b = _slot_buffers(seed=5)
     x = torch.randn(len(slots), D_IN)
     expected, got = torch.zeros(len(slots), D_OUT), torch.zeros(len(slots), D_OUT)
@@ -95,7 +115,7 @@ def test_padding_uses_the_largest_rank_in_the_step():
     exact, zeros times zeros, so check the plan's effect through a poisoned padding column)."""
     slots = [0, 0, 3, 3]  # ranks 4 and 2
     lora_a, lora_b = _slot_buffers(seed=6)
-    lora_a[0, :, 4:] = float("nan")  # beyond slot 0's rank: must never be read
+    lora_a[0, 4:] = float("nan")  # beyond slot 0's rank: must never be read
     x = torch.randn(len(slots), D_IN)
     expected, got = torch.zeros(len(slots), D_OUT), torch.zeros(len(slots), D_OUT)
     add_lora_reference(expected, x, torch.nan_to_num(lora_a), lora_b, slots)

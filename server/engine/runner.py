@@ -1,7 +1,7 @@
 """One forward pass over a scheduled batch: pack tokens, build the step's metadata, return last logits.
 
 Sequences are ordered by adapter slot so each adapter's tokens are contiguous (the batched LoRA
-path then needs one matmul pair per long run and one bmm pair for all short runs).
+path then needs one matmul pair per long run and one bmm pair per rank among the short runs).
 """
 
 from collections import Counter
@@ -111,7 +111,7 @@ class ModelRunner:
             token_slots = [NO_SLOT if s == merged_slot else s for s in token_slots]
             self.merged_steps += not subtract
             self.mixed_merged_steps += bool(subtract)
-        plan = plan_runs(token_slots, LONG_RUN_MIN_TOKENS, self.device, subtract)
+        plan = plan_runs(token_slots, LONG_RUN_MIN_TOKENS, self.device, subtract, self.slots.adapter_ranks)
         self.lora_batch.plan = plan if plan.has_lora else None
         if any(self.slots.uses_dora(seq.adapter_name) for seq in seqs if seq.adapter is not None):
             no_adapter_row = self.slots.num_slots

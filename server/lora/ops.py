@@ -5,15 +5,24 @@ Semantics (the reference below is this loop, and the oracle for every faster ver
     for t in range(T):
         s = token_slots[t]
         if s >= 0:
-            out[t] += (x[t] @ lora_a[s]) @ lora_b[s]      # lora_a: (S, d_in, R), lora_b: (S, R, d_out)
+            out[t] += (x[t] @ lora_a[s].T) @ lora_b[s]      # lora_a: (S, R, d_in), lora_b: (S, R, d_out)
 
 `B·A` is never materialised: the cost is O(T·r·(d_in + d_out)), not O(d_in·d_out).
 The fast path relies on the runner having placed each adapter's tokens next to each other:
-long runs (prefills, a popular adapter) get one pair of matmuls at their true rank; the short runs of
-many adapters are padded into one batched matmul pair over the slot range, so the number of kernel
-launches does not grow with the number of adapters in the batch.
+long runs (prefills, a popular adapter) get one pair of matmuls at their true rank. Short runs (decode
+tokens of many adapters) go through one batched matmul pair per *slot group*, so the number of kernel
+launches grows with the number of distinct ranks in the step, not with the number of adapters:
+
+* a group is a range of slots whose adapters share a rank (the slot pool keeps residents sorted by
+  rank), read as a view of the stacked buffers at that rank: the bytes read are the adapters' true
+  bytes, not every adapter padded to the largest rank;
+* slots scattered too thinly for a range view are gathered into one group, padded to its largest rank;
+* when a group's tokens are contiguous with the same count per slot (decode, where each adapter's
+  sequences sit side by side), its grid is a view of `x` and its delta is added into `out` in place:
+  no gather, no scatter.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,22 +38,23 @@ class Run:
 
 
 @dataclass(frozen=True)
-class PaddedRuns:
-    """Short runs gathered into a (slots in use × max_len) grid for one bmm pair.
+class SlotGroup:
+    """Short runs served by one bmm pair: a (len(slots) × max_len) grid of tokens against the slots' weights.
 
-    token_index[i] is a token of the batch; pad_index[i] its row in the flattened grid:
-    (position of its slot in `slots`) * max_len + position within that slot's tokens.
-    When the slots in use fill most of their range, the grid spans the whole range [slot_lo, slot_hi]
-    and the stacked weights are read as a view; when they are sparse (LRU leaves residents scattered),
-    only the slots in use are gathered, so idle slots cost nothing.
+    Weights: `slot_index` None means `slots` is the contiguous range slots[0]..slots[-1], read as a view
+    (idle slots inside the range get zero rows); otherwise the slots are gathered by index.
+    Tokens: `token_index` None means tokens [token_start, token_start + len(slots) * max_len) hold
+    exactly max_len tokens of each slot in grid order, so the grid is a view of x. Otherwise token
+    token_index[i] goes to row pad_index[i] of the flattened grid.
     """
 
-    token_index: torch.Tensor
-    pad_index: torch.Tensor
-    slots: tuple[int, ...]  # the grid's slots, in grid order
-    used_slots: tuple[int, ...]  # the slots that have tokens (a dense grid may span idle ones)
-    slot_index: torch.Tensor | None  # None: `slots` is the contiguous range, read as a view
+    slots: tuple[int, ...]
+    used_slots: tuple[int, ...]  # the slots that have tokens: the rank to read is their largest
     max_len: int
+    slot_index: torch.Tensor | None
+    token_start: int
+    token_index: torch.Tensor | None
+    pad_index: torch.Tensor | None
 
     @property
     def num_rows(self) -> int:
@@ -60,17 +70,20 @@ class LoraPlan:
     """
 
     long_runs: tuple[Run, ...]
-    padded: PaddedRuns | None
+    groups: tuple[SlotGroup, ...]
     subtract: tuple[Run, ...] = ()
 
     @property
     def has_lora(self) -> bool:
-        return bool(self.long_runs) or self.padded is not None or bool(self.subtract)
+        return bool(self.long_runs or self.groups or self.subtract)
 
 
-def plan_runs(token_slots: list[int], long_run_min: int, device: torch.device,
-              subtract: tuple[Run, ...] = ()) -> LoraPlan:
-    """Split the per-token slots (adapter tokens contiguous; -1 = no adapter) into long and padded runs."""
+def plan_runs(token_slots: list[int], long_run_min: int, device: torch.device, subtract: tuple[Run, ...] = (),
+              adapter_ranks: Sequence[int] | None = None) -> LoraPlan:
+    """Split the per-token slots (adapter tokens contiguous; -1 = no adapter) into long runs and slot groups.
+
+    `adapter_ranks[s]` is the (largest) rank of the adapter in slot s; slots of different rank go to
+    different groups (None: one rank for all)."""
     runs = []
     start = 0
     for t in range(1, len(token_slots) + 1):
@@ -80,59 +93,92 @@ def plan_runs(token_slots: list[int], long_run_min: int, device: torch.device,
             start = t
     long_runs = tuple(r for r in runs if r.end - r.start >= long_run_min)
     short = [r for r in runs if r.end - r.start < long_run_min]
-    return LoraPlan(long_runs=long_runs, padded=_pad_short_runs(short, device) if short else None,
-                    subtract=subtract)
+    return LoraPlan(long_runs=long_runs, groups=_group_short_runs(short, adapter_ranks, device), subtract=subtract)
 
 
-def _pad_short_runs(runs: list[Run], device: torch.device) -> PaddedRuns:
-    per_slot: dict[int, list[int]] = {}  # a slot may have several short runs (split by a long run)
+def _group_short_runs(runs: list[Run], adapter_ranks: Sequence[int] | None, device: torch.device
+                      ) -> tuple[SlotGroup, ...]:
+    tokens_of: dict[int, list[int]] = {}  # a slot may have several short runs (split by a long run)
     for r in runs:
-        per_slot.setdefault(r.slot, []).extend(range(r.start, r.end))
-    slot_lo, slot_hi = min(per_slot), max(per_slot)
-    dense = slot_hi - slot_lo + 1 <= 2 * len(per_slot)
-    slots = tuple(range(slot_lo, slot_hi + 1)) if dense else tuple(sorted(per_slot))
-    position = {slot: i for i, slot in enumerate(slots)}
-    max_len = max(len(tokens) for tokens in per_slot.values())
-    tokens, rows = [], []
-    for slot, slot_tokens in per_slot.items():
-        tokens.extend(slot_tokens)
-        rows.extend(position[slot] * max_len + k for k in range(len(slot_tokens)))
-    return PaddedRuns(
-        token_index=torch.tensor(tokens, dtype=torch.long, device=device),
-        pad_index=torch.tensor(rows, dtype=torch.long, device=device),
+        tokens_of.setdefault(r.slot, []).extend(range(r.start, r.end))
+    groups, scattered = [], []
+    for same_rank in _split_by_rank(sorted(tokens_of), adapter_ranks):
+        if same_rank[-1] - same_rank[0] + 1 <= 2 * len(same_rank):  # dense enough to read as a range
+            span = tuple(range(same_rank[0], same_rank[-1] + 1))
+            groups.append(_slot_group(span, tokens_of, gathered=False, device=device))
+        else:
+            scattered += same_rank
+    if scattered:  # one gathered group: copying a few adapters costs less than a bmm pair per rank
+        groups.append(_slot_group(tuple(scattered), tokens_of, gathered=True, device=device))
+    return tuple(groups)
+
+
+def _split_by_rank(slots: list[int], adapter_ranks: Sequence[int] | None) -> list[list[int]]:
+    """Consecutive (in slot order) slots of equal rank, each list one candidate group."""
+    classes: list[list[int]] = []
+    for slot in slots:
+        if classes and (adapter_ranks is None or adapter_ranks[slot] == adapter_ranks[classes[-1][-1]]):
+            classes[-1].append(slot)
+        else:
+            classes.append([slot])
+    return classes
+
+
+def _slot_group(slots: tuple[int, ...], tokens_of: dict[int, list[int]], gathered: bool,
+                device: torch.device) -> SlotGroup:
+    counts = [len(tokens_of.get(slot, ())) for slot in slots]
+    max_len = max(counts)
+    tokens = [t for slot in slots for t in tokens_of.get(slot, ())]
+    as_view = min(counts) == max_len and tokens == list(range(tokens[0], tokens[0] + len(tokens)))
+    rows = [i * max_len + k for i, count in enumerate(counts) for k in range(count)]
+
+    def tensor(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return SlotGroup(
         slots=slots,
-        used_slots=tuple(sorted(per_slot)),
-        slot_index=None if dense else torch.tensor(slots, dtype=torch.long, device=device),
+        used_slots=tuple(slot for slot, count in zip(slots, counts) if count),
         max_len=max_len,
+        slot_index=tensor(slots) if gathered else None,
+        token_start=tokens[0],
+        token_index=None if as_view else tensor(tokens),
+        pad_index=None if as_view else tensor(rows),
     )
 
 
 def add_lora(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
              slot_ranks: list[int], plan: LoraPlan) -> None:
-    """out (T, d_out) += each token's own low-rank delta, in place."""
+    """out (T, d_out) += each token's own low-rank delta, in place. `slot_ranks`: this module's ranks."""
     for runs, sign in ((plan.long_runs, 1), (plan.subtract, -1)):
         for run in runs:
             rank = slot_ranks[run.slot]
             if rank:
-                shrunk = x[run.start:run.end] @ lora_a[run.slot, :, :rank]
+                shrunk = x[run.start:run.end] @ lora_a[run.slot, :rank].T
                 out[run.start:run.end].addmm_(shrunk, lora_b[run.slot, :rank], alpha=sign)
-    padded = plan.padded
-    if padded is None:
-        return
-    # Pad only to the largest rank among this step's slots for this module, not the buffers' maximum.
-    rank = max(slot_ranks[slot] for slot in padded.used_slots)
-    if not rank:
-        return
-    if padded.slot_index is None:
-        a = lora_a[padded.slots[0]:padded.slots[-1] + 1, :, :rank]
-        b = lora_b[padded.slots[0]:padded.slots[-1] + 1, :rank]
+    for group in plan.groups:
+        # Read only up to the largest rank among the group's slots for this module, not the buffers' maximum.
+        rank = max(slot_ranks[slot] for slot in group.used_slots)
+        if rank:
+            _add_group(out, x, lora_a, lora_b, rank, group)
+
+
+def _add_group(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int,
+               group: SlotGroup) -> None:
+    if group.slot_index is None:
+        a = lora_a[group.slots[0]:group.slots[-1] + 1, :rank]
+        b = lora_b[group.slots[0]:group.slots[-1] + 1, :rank]
     else:
-        a = lora_a[padded.slot_index, :, :rank]
-        b = lora_b[padded.slot_index, :rank]
-    grid = x.new_zeros(padded.num_rows, x.shape[1])
-    grid.index_copy_(0, padded.pad_index, x.index_select(0, padded.token_index))
-    delta = torch.bmm(torch.bmm(grid.view(len(padded.slots), padded.max_len, -1), a), b)
-    out.index_add_(0, padded.token_index, delta.view(padded.num_rows, -1).index_select(0, padded.pad_index))
+        a = lora_a[group.slot_index, :rank]
+        b = lora_b[group.slot_index, :rank]
+    shape = (len(group.slots), group.max_len, -1)
+    if group.token_index is None:
+        rows = slice(group.token_start, group.token_start + group.num_rows)
+        out[rows].view(shape).baddbmm_(torch.bmm(x[rows].reshape(shape), a.transpose(1, 2)), b)
+        return
+    grid = x.new_zeros(group.num_rows, x.shape[1])
+    grid.index_copy_(0, group.pad_index, x.index_select(0, group.token_index))
+    delta = torch.bmm(torch.bmm(grid.view(shape), a.transpose(1, 2)), b)
+    out.index_add_(0, group.token_index, delta.view(group.num_rows, -1).index_select(0, group.pad_index))
 
 
 def add_lora_reference(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -140,4 +186,4 @@ def add_lora_reference(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
     """The semantics above as a plain per-token loop: slow, obviously right."""
     for t, slot in enumerate(token_slots):
         if slot >= 0:
-            out[t] += (x[t] @ lora_a[slot]) @ lora_b[slot]
+            out[t] += (x[t] @ lora_a[slot].T) @ lora_b[slot]

@@ -1,9 +1,15 @@
 """Device slots: fixed, zero-initialised stacked buffers that hold the adapters the batch can use.
 
-Each module that any adapter has adapted owns `lora_a (S, d_in, R)` and `lora_b (S, R, d_out)`, allocated once and padded to
-the maximum rank, so a freed slot is inert, mixed ranks are harmless, and the buffers never move.
-An adapter is resident in one slot for all modules at once. Residents that no running sequence uses
-are evicted least recently used first when a new adapter needs a slot.
+Each module that any adapter has adapted owns `lora_a (S, R, d_in)` and `lora_b (S, R, d_out)`, allocated
+once and padded to the maximum rank, so a freed slot is inert, mixed ranks are harmless, and the buffers
+never move. Both keep rank as the middle axis, so the first r rows of a range of slots are a strided view
+that reads exactly those adapters' bytes.
+
+An adapter is resident in one slot for all modules at once. Residents are kept sorted by rank (moving
+a few between steps when a new one arrives), so that adapters of one rank sit side by side and the
+batched op reads them as one range at their true rank. Residents that no running sequence uses are
+evicted least recently used first when a new adapter needs a slot. Slot numbers are looked up every
+step (`slot_of`), never kept across steps, which is what makes moving residents safe.
 """
 
 import time
@@ -14,13 +20,15 @@ import torch
 from server.lora.adapter import LoraAdapter, LoraModuleWeights
 from server.lora.targets import TargetModule
 
+FREE = 0  # the rank recorded for an empty slot
+
 
 class ModuleSlots:
     """The stacked adapter weights of one base module."""
 
     def __init__(self, target: TargetModule, num_slots: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device):
-        self.lora_a = torch.zeros(num_slots, target.in_features, max_rank, dtype=dtype, device=device)
+        self.lora_a = torch.zeros(num_slots, max_rank, target.in_features, dtype=dtype, device=device)
         self.lora_b = torch.zeros(num_slots, max_rank, target.out_features, dtype=dtype, device=device)
         # Row `num_slots` is all ones: the DoRA factor of tokens without an adapter (or plain LoRA).
         self.dora_scale = torch.ones(num_slots + 1, target.out_features, dtype=dtype, device=device)
@@ -28,19 +36,31 @@ class ModuleSlots:
 
     def write(self, slot: int, weights: LoraModuleWeights | None) -> None:
         """Put one adapter's weights for this module in `slot` (None: the adapter leaves it alone)."""
-        if weights is None and self.slot_ranks[slot] == 0:
-            return
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        self.dora_scale[slot].fill_(1.0)
-        rank = 0
+        self._clear(slot)
         if weights is not None:
             rank = weights.rank
-            self.lora_a[slot, :, :rank].copy_(weights.lora_a.T)
+            self.lora_a[slot, :rank].copy_(weights.lora_a)
             self.lora_b[slot, :rank].copy_(weights.lora_b.T)
             if weights.dora_scale is not None:
                 self.dora_scale[slot].copy_(weights.dora_scale)
-        self.slot_ranks[slot] = rank
+            self.slot_ranks[slot] = rank
+
+    def move(self, source: int, target: int) -> None:
+        """Move the contents of `source` to the empty slot `target`, leaving `source` empty."""
+        rank = self.slot_ranks[source]
+        self.lora_a[target, :rank].copy_(self.lora_a[source, :rank])
+        self.lora_b[target, :rank].copy_(self.lora_b[source, :rank])
+        self.dora_scale[target].copy_(self.dora_scale[source])
+        self.slot_ranks[target] = rank
+        self._clear(source)
+
+    def _clear(self, slot: int) -> None:
+        rank = self.slot_ranks[slot]  # rows beyond a slot's rank are zero already
+        if rank:
+            self.lora_a[slot, :rank].zero_()
+            self.lora_b[slot, :rank].zero_()
+            self.dora_scale[slot].fill_(1.0)
+            self.slot_ranks[slot] = 0
 
 
 class LoraSlotPool:
@@ -55,10 +75,12 @@ class LoraSlotPool:
         # at the maximum rank would cost as much memory as a small base model.
         self.modules: dict[str, ModuleSlots] = {}
         self._resident: OrderedDict[str, int] = OrderedDict()  # adapter name -> slot, least recent first
+        self.adapter_ranks = [FREE] * num_slots  # per slot, its adapter's largest rank: non-decreasing
         self._dora: set[str] = set()
         self._users: Counter[str] = Counter()
         self.loads = 0
         self.evictions = 0
+        self.moves = 0
         self.load_seconds = 0.0
 
     def slot_of(self, name: str) -> int | None:
@@ -76,15 +98,13 @@ class LoraSlotPool:
 
     def acquire(self, adapter: LoraAdapter) -> int | None:
         """A slot holding `adapter`, loading it (and evicting an idle resident) if needed; None if all busy."""
-        slot = self._resident.get(adapter.name)
-        if slot is None:
-            slot = self._free_slot()
-            if slot is None:
+        if adapter.name not in self._resident:
+            if len(self._resident) == self.num_slots and not self._evict_one():
                 return None
-            self._load(adapter, slot)
+            self._load(adapter)
         self._resident.move_to_end(adapter.name)
         self._users[adapter.name] += 1
-        return slot
+        return self._resident[adapter.name]
 
     def release(self, name: str) -> None:
         self._users[name] -= 1
@@ -95,38 +115,90 @@ class LoraSlotPool:
         """Drop an idle adapter from its slot now (e.g. it was deleted); False if running requests use it."""
         if name not in self._resident or self._users[name] > 0:
             return False
-        self._clear(self._resident.pop(name), name)
+        self._clear(name)
         return True
 
-    def _free_slot(self) -> int | None:
-        used = set(self._resident.values())
-        free = next((s for s in range(self.num_slots) if s not in used), None)
-        if free is not None:
-            return free
+    def _evict_one(self) -> bool:
         victim = self._evictable()
         if victim is None:
-            return None
-        slot = self._resident.pop(victim)
-        self._clear(slot, victim)
+            return False
+        self._clear(victim)
         self.evictions += 1
-        return slot
+        return True
 
     def _evictable(self) -> str | None:
         return next((name for name in self._resident if self._users[name] == 0), None)
 
-    def _load(self, adapter: LoraAdapter, slot: int) -> None:
+    def _load(self, adapter: LoraAdapter) -> None:
         started = time.perf_counter()
         for name in adapter.modules.keys() - self.modules.keys():
             self.modules[name] = ModuleSlots(self._targets[name], *self._buffer_args)
+        slot = self._place(adapter.max_rank)
         for name, module in self.modules.items():
             module.write(slot, adapter.modules.get(name))
         self._resident[adapter.name] = slot
+        self.adapter_ranks[slot] = adapter.max_rank
         if any(w.dora_scale is not None for w in adapter.modules.values()):
             self._dora.add(adapter.name)
         self.loads += 1
         self.load_seconds += time.perf_counter() - started
 
-    def _clear(self, slot: int, name: str) -> None:
+    def _clear(self, name: str) -> None:
+        slot = self._resident.pop(name)
         for module in self.modules.values():
             module.write(slot, None)
+        self.adapter_ranks[slot] = FREE
         self._dora.discard(name)
+
+    # ---- keeping residents sorted by rank -------------------------------------------------------
+
+    def _place(self, rank: int) -> int:
+        """An empty slot for an adapter of `rank` where residents stay sorted, moving some if needed.
+
+        Residents of equal rank bound a region [lo, hi] where the new one fits without moves; inside it,
+        take the empty slot nearest to its own rank's residents (or the middle, leaving room on both
+        sides). With no empty slot there, shift residents toward the nearest empty slot outside, one
+        resident per rank in between."""
+        lower = [s for s, r in enumerate(self.adapter_ranks) if FREE < r < rank]
+        higher = [s for s, r in enumerate(self.adapter_ranks) if r > rank]
+        lo = lower[-1] + 1 if lower else 0
+        hi = higher[0] - 1 if higher else self.num_slots - 1
+        empty = [s for s in range(lo, hi + 1) if self.adapter_ranks[s] == FREE]
+        if empty:
+            same = [s for s in range(lo, hi + 1) if self.adapter_ranks[s] == rank]
+            anchors = same or [(lo + hi) // 2]
+            return min(empty, key=lambda s: min(abs(s - a) for a in anchors))
+        left = next((s for s in range(lo - 1, -1, -1) if self.adapter_ranks[s] == FREE), None)
+        right = next((s for s in range(hi + 1, self.num_slots) if self.adapter_ranks[s] == FREE), None)
+        options = [(self._shift_cost(start, end), start, end) for start, end in ((lo - 1, left), (hi + 1, right))
+                   if end is not None]
+        _, start, end = min(options)
+        self._shift(start, end)
+        return start
+
+    def _shift_cost(self, start: int, empty: int) -> int:
+        """Moves needed to empty `start` by shifting residents toward the empty slot: one per rank between."""
+        step = 1 if empty > start else -1
+        return len({self.adapter_ranks[s] for s in range(start, empty, step)})
+
+    def _shift(self, start: int, empty: int) -> None:
+        """Empty `start` (occupied, as is everything up to the empty slot): each rank block between
+        passes its first resident to the slot just past its last one."""
+        step = 1 if empty > start else -1
+        chain, position = [], start
+        while position != empty:
+            end = position
+            while end + step != empty and self.adapter_ranks[end + step] == self.adapter_ranks[position]:
+                end += step
+            chain.append((position, end + step))
+            position = end + step
+        for source, target in reversed(chain):
+            self._move(source, target)
+
+    def _move(self, source: int, target: int) -> None:
+        name = next(n for n, s in self._resident.items() if s == source)
+        for module in self.modules.values():
+            module.move(source, target)
+        self._resident[name] = target  # keeps its place in the LRU order
+        self.adapter_ranks[target], self.adapter_ranks[source] = self.adapter_ranks[source], FREE
+        self.moves += 1
