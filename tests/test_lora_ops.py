@@ -72,7 +72,7 @@ def test_unsorted_slots_are_still_correct():
 
 def test_plan_splits_long_and_short_runs():
     plan = plan_runs([-1, -1, 0, 0, 0, 3, 3, 3, 3, 3, 1], long_run_min=4, device=torch.device("cpu"))
-    assert [(r.start, r.end, r.slot) for r in plan.long_runs] == [(5, 10, 3)]
+    assert [(r.start, r.end, r.slot) for r in plan.runs] == [(5, 10, 3)]
     (group,) = plan.groups
     assert group.token_index.tolist() == [2, 3, 4, 10]
     assert (group.slots, group.slot_index, group.max_len) == ((0, 1), None, 3)

@@ -39,7 +39,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
         """Returns the sequences in packed order and their next-token logits (N, vocab)."""
-        seqs = sorted(batch.sequences, key=self._slot_of)
+        merged = self._choose_merged(batch.sequences)
+        # The merged adapter's tokens go last, so the tokens that subtract its delta form one run.
+        merged_slot = None if merged is None else merged[1]
+        seqs = sorted(batch.sequences, key=lambda seq: (self._slot_of(seq) == merged_slot, self._slot_of(seq)))
         tokens, positions, write_rows, prefills, decode_seqs, last_index = [], [], [], [], [], []
         for seq in seqs:
             start = len(tokens)
@@ -58,7 +61,7 @@ class ModelRunner:
             prefills=tuple(prefills),
             decode=self._decode_batch(decode_seqs) if decode_seqs else None,
         )
-        self._prepare_lora(seqs, tokens_per_seq=[seq.length - seq.num_computed for seq in seqs])
+        self._prepare_lora(seqs, [seq.length - seq.num_computed for seq in seqs], merged)
         try:
             out = self.model(
                 input_ids=self._tensor(tokens).unsqueeze(0),
@@ -98,17 +101,15 @@ class ModelRunner:
             kv_mask=mask[:, None, None, :],
         )
 
-    def _prepare_lora(self, seqs: list[Sequence], tokens_per_seq: list[int]) -> None:
+    def _prepare_lora(self, seqs: list[Sequence], tokens_per_seq: list[int], merged: tuple[str, int] | None) -> None:
         token_slots = [slot for seq, n in zip(seqs, tokens_per_seq) for slot in [self._slot_of(seq)] * n]
         subtract: tuple[Run, ...] = ()
-        merged = self._choose_merged(seqs, tokens_per_seq)
         if merged is not None:
             name, merged_slot = merged
             self.lora_batch.merged = self.merged[name]
-            own = [i for i, s in enumerate(token_slots) if s == merged_slot]  # contiguous: sorted by slot
-            start, end = own[0], own[-1] + 1
-            subtract = tuple(Run(a, b, merged_slot) for a, b in ((0, start), (end, len(token_slots))) if b > a)
-            token_slots = [NO_SLOT if s == merged_slot else s for s in token_slots]
+            others = token_slots.index(merged_slot)  # its tokens are last: everything before subtracts
+            subtract = (Run(0, others, merged_slot),) if others else ()
+            token_slots = token_slots[:others] + [NO_SLOT] * (len(token_slots) - others)
             self.merged_steps += not subtract
             self.mixed_merged_steps += bool(subtract)
         plan = plan_runs(token_slots, LONG_RUN_MIN_TOKENS, self.device, subtract, self.slots.adapter_ranks)
@@ -118,7 +119,7 @@ class ModelRunner:
             rows = [no_adapter_row if s == NO_SLOT else s for s in token_slots]
             self.lora_batch.dora_rows = self._tensor(rows)
 
-    def _choose_merged(self, seqs: list[Sequence], tokens_per_seq: list[int]) -> tuple[str, int] | None:
+    def _choose_merged(self, seqs: list[Sequence]) -> tuple[str, int] | None:
         """The merged adapter this step runs on, with its slot, or None for the base weights.
 
         A step made only of one merged adapter's tokens runs on its copy with no LoRA work at all. A mixed
@@ -126,8 +127,8 @@ class ModelRunner:
         tokens (so subtracting its delta from the others costs less than it saves) and no DoRA adapter
         is in the step (DoRA's per-channel factor does not commute with the subtraction)."""
         tokens: Counter[str | None] = Counter()
-        for seq, n in zip(seqs, tokens_per_seq):
-            tokens[seq.adapter_name] += n
+        for seq in seqs:
+            tokens[seq.adapter_name] += seq.length - seq.num_computed
         candidates = [name for name in tokens if name in self.merged]
         if not candidates:
             return None

@@ -11,7 +11,8 @@ Semantics (the reference below is this loop, and the oracle for every faster ver
 The fast path relies on the runner having placed each adapter's tokens next to each other:
 long runs (prefills, a popular adapter) get one pair of matmuls at their true rank. Short runs (decode
 tokens of many adapters) go through one batched matmul pair per *slot group*, so the number of kernel
-launches grows with the number of distinct ranks in the step, not with the number of adapters:
+launches grows with the number of distinct ranks in the step, not with the number of adapters (on a
+CPU each call costs microseconds whatever its size, and a step makes these calls in every adapted module):
 
 * a group is a range of slots whose adapters share a rank (the slot pool keeps residents sorted by
   rank), read as a view of the stacked buffers at that rank: the bytes read are the adapters' true
@@ -19,7 +20,7 @@ launches grows with the number of distinct ranks in the step, not with the numbe
 * slots scattered too thinly for a range view are gathered into one group, padded to its largest rank;
 * when a group's tokens are contiguous with the same count per slot (decode, where each adapter's
   sequences sit side by side), its grid is a view of `x` and its delta is added into `out` in place:
-  no gather, no scatter.
+  no gather, no scatter; a group of one such slot is just a run (a matmul pair is cheaper than bmm).
 """
 
 from collections.abc import Sequence
@@ -69,18 +70,18 @@ class LoraPlan:
     other tokens get W + Δs by adding their own Δs and subtracting Δm (both low rank).
     """
 
-    long_runs: tuple[Run, ...]
+    runs: tuple[Run, ...]  # each served by its own matmul pair
     groups: tuple[SlotGroup, ...]
     subtract: tuple[Run, ...] = ()
 
     @property
     def has_lora(self) -> bool:
-        return bool(self.long_runs or self.groups or self.subtract)
+        return bool(self.runs or self.groups or self.subtract)
 
 
 def plan_runs(token_slots: list[int], long_run_min: int, device: torch.device, subtract: tuple[Run, ...] = (),
               adapter_ranks: Sequence[int] | None = None) -> LoraPlan:
-    """Split the per-token slots (adapter tokens contiguous; -1 = no adapter) into long runs and slot groups.
+    """Split the per-token slots (adapter tokens contiguous; -1 = no adapter) into runs and slot groups.
 
     `adapter_ranks[s]` is the (largest) rank of the adapter in slot s; slots of different rank go to
     different groups (None: one rank for all)."""
@@ -91,9 +92,15 @@ def plan_runs(token_slots: list[int], long_run_min: int, device: torch.device, s
             if token_slots[start] >= 0:
                 runs.append(Run(start, t, token_slots[start]))
             start = t
-    long_runs = tuple(r for r in runs if r.end - r.start >= long_run_min)
+    matmul_runs = [r for r in runs if r.end - r.start >= long_run_min]
     short = [r for r in runs if r.end - r.start < long_run_min]
-    return LoraPlan(long_runs=long_runs, groups=_group_short_runs(short, adapter_ranks, device), subtract=subtract)
+    groups = []
+    for group in _group_short_runs(short, adapter_ranks, device):
+        if len(group.slots) == 1 and group.token_index is None:  # one slot's contiguous tokens: a run
+            matmul_runs.append(Run(group.token_start, group.token_start + group.max_len, group.slots[0]))
+        else:
+            groups.append(group)
+    return LoraPlan(runs=tuple(matmul_runs), groups=tuple(groups), subtract=subtract)
 
 
 def _group_short_runs(runs: list[Run], adapter_ranks: Sequence[int] | None, device: torch.device
@@ -149,7 +156,7 @@ def _slot_group(slots: tuple[int, ...], tokens_of: dict[int, list[int]], gathere
 def add_lora(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
              slot_ranks: list[int], plan: LoraPlan) -> None:
     """out (T, d_out) += each token's own low-rank delta, in place. `slot_ranks`: this module's ranks."""
-    for runs, sign in ((plan.long_runs, 1), (plan.subtract, -1)):
+    for runs, sign in ((plan.runs, 1), (plan.subtract, -1)):
         for run in runs:
             rank = slot_ranks[run.slot]
             if rank:
@@ -164,21 +171,31 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
 
 def _add_group(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int,
                group: SlotGroup) -> None:
-    if group.slot_index is None:
-        a = lora_a[group.slots[0]:group.slots[-1] + 1, :rank]
-        b = lora_b[group.slots[0]:group.slots[-1] + 1, :rank]
+    n, length = len(group.slots), group.max_len
+    if group.slot_index is None:  # one strided view each: this runs per module per step, so calls count
+        a_t = _rows_view(lora_a, group.slots[0], n, rank).transpose(1, 2)
+        b = _rows_view(lora_b, group.slots[0], n, rank)
     else:
-        a = lora_a[group.slot_index, :rank]
+        a_t = lora_a[group.slot_index, :rank].transpose(1, 2)
         b = lora_b[group.slot_index, :rank]
-    shape = (len(group.slots), group.max_len, -1)
     if group.token_index is None:
-        rows = slice(group.token_start, group.token_start + group.num_rows)
-        out[rows].view(shape).baddbmm_(torch.bmm(x[rows].reshape(shape), a.transpose(1, 2)), b)
+        _rows_view(out, group.token_start, n, length).baddbmm_(
+            torch.bmm(_rows_view(x, group.token_start, n, length), a_t), b)
         return
     grid = x.new_zeros(group.num_rows, x.shape[1])
     grid.index_copy_(0, group.pad_index, x.index_select(0, group.token_index))
-    delta = torch.bmm(torch.bmm(grid.view(shape), a.transpose(1, 2)), b)
+    delta = torch.bmm(torch.bmm(grid.view(n, length, -1), a_t), b)
     out.index_add_(0, group.token_index, delta.view(group.num_rows, -1).index_select(0, group.pad_index))
+
+
+def _rows_view(t: torch.Tensor, first: int, blocks: int, rows: int) -> torch.Tensor:
+    """t[first : first + blocks * rows] as (blocks, rows, width) for a 2-D t, or t[first : first + blocks, :rows]
+    for a 3-D stack of (rows_max, width) blocks: a view either way, made in one call."""
+    if t.dim() == 2:
+        row, col = t.stride()
+        return t.as_strided((blocks, rows, t.shape[1]), (rows * row, row, col), t.storage_offset() + first * row)
+    block, row, col = t.stride()
+    return t.as_strided((blocks, rows, t.shape[2]), (block, row, col), t.storage_offset() + first * block)
 
 
 def add_lora_reference(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
