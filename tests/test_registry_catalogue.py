@@ -138,3 +138,22 @@ def test_everything_survives_reopening(url):
         assert again.add_version("bot", _metadata("b")).version == 2
     finally:
         again.close()
+
+
+def test_remembered_resolutions_follow_every_write(catalogue):
+    """resolve() answers from memory after the first time: each write must drop what it changed."""
+    catalogue.add_version("tone", _metadata("a"))
+    assert catalogue.resolve("tone").version == 1
+    catalogue.add_version("tone", _metadata("b"))
+    assert catalogue.resolve("tone").version == 2
+    catalogue.set_alias("prod", "tone", 1)
+    assert catalogue.resolve("prod").version == 1
+    catalogue.set_alias("prod", "tone", 2)
+    assert catalogue.resolve("prod").version == 2
+    catalogue.delete("tone", 2)
+    assert catalogue.resolve("tone").version == 1
+    with pytest.raises(AdapterNotFoundError):
+        catalogue.resolve("prod")
+    catalogue.delete_alias("prod")
+    catalogue.add_version("prod", _metadata("c"))  # the name is free again: now an adapter
+    assert catalogue.resolve("prod").name == "prod"

@@ -92,6 +92,9 @@ class _EngineCollector:
         yield _counter("loraserve_device_adapter_load_seconds", "Time spent loading adapters into slots.",
                        slots.load_seconds)
         yield _counter("loraserve_preemptions", "Sequences preempted for lack of KV cache.", scheduler.preemptions)
+        yield _counter("loraserve_engine_steps", "Forward passes run.", engine.steps)
+        yield _counter("loraserve_engine_step_seconds", "Time spent in engine steps (schedule, forward, sample).",
+                       engine.step_seconds)
         yield _counter("loraserve_merged_steps", "Forward passes run entirely on merged weights.",
                        engine.runner.merged_steps)
         yield _counter("loraserve_mixed_merged_steps", "Forward passes on a merged copy with other adapters.",

@@ -52,10 +52,10 @@ class ModelResolver:
         if model == self.base_name:
             return Target(model, None, self.base_name)
         record = self._registry.resolve(model)
-        cold = self._registry.tier_of(record.key) == "disk"
-        started = time.perf_counter()
-        adapter = await asyncio.to_thread(self._registry.load, record)
-        if cold:
+        adapter = self._registry.cached(record)  # the usual case: no thread hop
+        if adapter is None:
+            started = time.perf_counter()
+            adapter = await asyncio.to_thread(self._registry.read, record)
             self._metrics.adapter_loads.labels("host").observe(time.perf_counter() - started)
         return Target(model, adapter, record.key)
 

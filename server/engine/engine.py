@@ -92,6 +92,8 @@ class LLMEngine:
         self._requests: dict[str, _Tracked] = {}
         self._eos_ids = _eos_token_ids(model, tokenizer)
         self.tokens_generated = 0
+        self.steps = 0  # forward passes run
+        self.step_seconds = 0.0  # time spent in them, scheduling and sampling included
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "LLMEngine":
@@ -167,6 +169,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one forward pass over everything scheduled; return what each request gained."""
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
@@ -179,6 +182,8 @@ class LLMEngine:
             outputs.append(self._postprocess(self._requests[seq.request_id], token, logprobs))
         self.tokens_generated += len(seqs)
         self._observe_traffic(seqs)
+        self.steps += 1
+        self.step_seconds += time.perf_counter() - started
         return outputs
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],

@@ -7,13 +7,14 @@ One row per request, filled in as it goes: assigned (before inference), finished
 """
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
 
 from sqlalchemy import JSON, DateTime, Engine, ForeignKey, String, Text, delete, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from server.experiments.errors import (
     DuplicateFeedbackError,
@@ -23,6 +24,7 @@ from server.experiments.errors import (
     RequestNotFoundError,
 )
 from server.experiments.model import Assignment, Experiment, Outcome, Promotion, RequestRecord, Status, Variant
+from server.read_cache import ReadCache
 
 
 class _Base(DeclarativeBase):
@@ -72,19 +74,32 @@ class ExperimentStore:
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         # SQLite takes one writer at a time: serialise this store's writes rather than retry them.
         self._write_lock = threading.Lock()
+        self._experiments: ReadCache[str, Experiment | None] = ReadCache()  # asked by every request
+
+    @contextmanager
+    def _writing_experiments(self) -> Iterator[Session]:
+        """One transaction that changes experiments (not their request rows): drops the cached ones."""
+        try:
+            with self._write_lock, self._sessions.begin() as session:
+                yield session
+        finally:
+            self._experiments.invalidate()
 
     # ---- experiments ----------------------------------------------------------------------------
 
     def add(self, experiment: Experiment) -> Experiment:
         """ExperimentNameConflictError if an experiment already has the name."""
         try:
-            with self._write_lock, self._sessions.begin() as session:
+            with self._writing_experiments() as session:
                 session.add(_ExperimentRow(**_columns(experiment)))
         except IntegrityError:
             raise ExperimentNameConflictError(f"experiment {experiment.name!r} already exists") from None
         return experiment
 
     def get(self, name: str) -> Experiment | None:
+        return self._experiments.get(name, lambda: self._get(name))
+
+    def _get(self, name: str) -> Experiment | None:
         with self._sessions() as session:
             row = session.scalar(select(_ExperimentRow).where(_ExperimentRow.name == name))
             return _experiment(row) if row is not None else None
@@ -95,7 +110,7 @@ class ExperimentStore:
 
     def save(self, experiment: Experiment) -> Experiment:
         """Write back a changed experiment (found by name)."""
-        with self._write_lock, self._sessions.begin() as session:
+        with self._writing_experiments() as session:
             result = session.execute(
                 update(_ExperimentRow).where(_ExperimentRow.name == experiment.name).values(**_columns(experiment))
             )
@@ -105,7 +120,7 @@ class ExperimentStore:
 
     def delete(self, name: str) -> None:
         """Remove an experiment with its request records (the name becomes free again)."""
-        with self._write_lock, self._sessions.begin() as session:
+        with self._writing_experiments() as session:
             experiment_id = session.scalar(select(_ExperimentRow.id).where(_ExperimentRow.name == name))
             if experiment_id is None:
                 raise ExperimentNotFoundError(f"experiment {name!r} not found")

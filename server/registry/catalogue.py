@@ -12,7 +12,8 @@ Any SQLAlchemy URL works (SQLite for one server, PostgreSQL when replicas share 
 """
 
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from datetime import UTC, datetime
 
@@ -20,6 +21,7 @@ from sqlalchemy import JSON, Engine, BigInteger, DateTime, String, Text, UniqueC
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from server.read_cache import ReadCache
 from server.registry.errors import AdapterNotFoundError, NameConflictError
 from server.registry.names import adapter_key, check_name, parse_model_ref
 from server.registry.records import AdapterMetadata, AdapterRecord, AdapterSummary, AliasRecord, Page
@@ -74,6 +76,16 @@ class Catalogue:
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         # SQLite refuses a second concurrent writer instead of queueing it: serialise this process's writes.
         self._write_lock = threading.Lock()
+        self._resolved: ReadCache[str, AdapterRecord] = ReadCache()
+
+    @contextmanager
+    def _writing(self) -> Iterator[Session]:
+        """One write transaction; the resolution cache is dropped once it has committed (or failed)."""
+        try:
+            with self._write_lock, self._sessions.begin() as session:
+                yield session
+        finally:
+            self._resolved.invalidate()
 
     @property
     def engine(self) -> Engine:
@@ -91,7 +103,7 @@ class Catalogue:
         attempts = 0
         while True:
             try:
-                with self._write_lock, self._sessions.begin() as session:
+                with self._writing() as session:
                     _refuse_alias(session, name)
                     newest = select(func.max(_VersionRow.version)).where(_VersionRow.name == name)
                     last = session.scalar(newest)
@@ -149,7 +161,7 @@ class Catalogue:
     def delete(self, name: str, version: int | None = None) -> list[AdapterRecord]:
         """Soft-delete one version, or every live version of `name`; return what was deleted.
         AdapterNotFoundError if nothing live matched."""
-        with self._write_lock, self._sessions.begin() as session:
+        with self._writing() as session:
             query = _live().where(_VersionRow.name == name)
             if version is not None:
                 query = query.where(_VersionRow.version == version)
@@ -169,7 +181,7 @@ class Catalogue:
         """Point `alias` at `name@version` (the newest live version when None), creating or moving it.
         NameConflictError if `alias` is an adapter name; AdapterNotFoundError if the target is not live."""
         check_name(alias, "alias")
-        with self._write_lock, self._sessions.begin() as session:
+        with self._writing() as session:
             if session.scalar(select(_VersionRow.id).where(_VersionRow.name == alias).limit(1)) is not None:
                 raise NameConflictError(f"{alias!r} is an adapter name; an alias may not shadow it")
             if version is None:
@@ -193,7 +205,7 @@ class Catalogue:
 
     def delete_alias(self, alias: str) -> AliasRecord:
         """Remove an alias (aliases are pointers: no history is kept); return what it was."""
-        with self._write_lock, self._sessions.begin() as session:
+        with self._writing() as session:
             row = _alias_row(session, alias)
             record = _alias_record(row)
             session.delete(row)
@@ -207,7 +219,11 @@ class Catalogue:
 
     def resolve(self, model: str) -> AdapterRecord:
         """`alias` -> its pinned version; `name@version` -> that version; `name` -> the newest live one.
-        InvalidNameError for a malformed string; AdapterNotFoundError when nothing live answers."""
+        InvalidNameError for a malformed string; AdapterNotFoundError when nothing live answers.
+        Answered from memory after the first time, until the next write."""
+        return self._resolved.get(model, lambda: self._resolve(model))
+
+    def _resolve(self, model: str) -> AdapterRecord:
         ref = parse_model_ref(model)
         with self._sessions() as session:
             if ref.version is not None:

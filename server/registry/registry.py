@@ -160,9 +160,14 @@ class AdapterRegistry:
         """The validated adapter of `record`, named `record.key`: from the host cache, or read from the
         blob store and validated. Blocking (run it in a worker thread); concurrent loads of one key do
         the work once."""
-        adapter = self.cache.get(record.key)
-        if adapter is not None:
-            return adapter
+        return self.cached(record) or self.read(record)
+
+    def cached(self, record: AdapterRecord) -> LoraAdapter | None:
+        """The adapter if host memory holds it (a hit makes it the most recently used), else None."""
+        return self.cache.get(record.key)
+
+    def read(self, record: AdapterRecord) -> LoraAdapter:
+        """Read and validate from the blob store into host memory, however many ask at once. Blocking."""
         return self._loads.run(record.key, lambda: self._read(record))
 
     def get(self, name: str) -> list[AdapterRecord]:

@@ -1,0 +1,25 @@
+"""The request path's in-memory copy of catalogue answers: exact after every write."""
+
+from server.read_cache import ReadCache
+
+
+def test_a_load_that_overlaps_a_write_is_not_remembered():
+    cache: ReadCache[str, int] = ReadCache()
+    store = {"k": 1}
+
+    def load_during_write() -> int:
+        value = store["k"]  # read before the write commits...
+        store["k"] = 2
+        cache.invalidate()  # ...which then invalidates
+        return value
+
+    assert cache.get("k", load_during_write) == 1
+    assert cache.get("k", lambda: store["k"]) == 2, "the stale answer must not have been kept"
+    assert cache.get("k", lambda: 99) == 2, "a clean load is remembered"
+
+
+def test_entries_are_bounded():
+    cache: ReadCache[int, int] = ReadCache(max_entries=3)
+    for key in range(10):
+        cache.get(key, lambda key=key: key)
+    assert len(cache._values) <= 3
