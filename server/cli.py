@@ -22,6 +22,8 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--max-loras", type=int, dest="max_loras", help="adapter slots on the device")
     parser.add_argument("--max-lora-rank", type=int, dest="max_lora_rank")
+    parser.add_argument("--torch-threads", type=int, dest="torch_threads",
+                        help="threads of the forward pass (default: one per core)")
     parser.add_argument("--lora", action="append", type=_lora_arg, metavar="NAME=PATH",
                         help="register a PEFT adapter directory (repeatable)")
 

@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from server.api.state import AppState
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
+from server.engine.torch_threads import engine_threads, use_one_thread
 from server.experiments.service import ExperimentService
 from server.experiments.store import ExperimentStore
 from server.registry.errors import AdapterNotFoundError
@@ -34,8 +36,9 @@ from server.tenancy.ownership import OwnershipStore
 log = logging.getLogger(__name__)
 
 
-def build_state(settings: Settings) -> AppState:
-    """Load the model, open the registry, register adapters from disk and flags (slow: run off the loop)."""
+def build_state(settings: Settings, threads: int | None = None) -> AppState:
+    """Load the model, open the registry, register adapters from disk and flags (slow: run off the loop).
+    `threads`: torch threads of the engine thread (None: torch's setting)."""
     engine = LLMEngine.from_settings(settings)
 
     registry = AdapterRegistry(
@@ -50,7 +53,7 @@ def build_state(settings: Settings) -> AppState:
         registry.register_directory(name, Path(path), source="cli")
     metrics = Metrics()
     metrics.watch_engine(engine)
-    runner = AsyncEngine(engine)
+    runner = AsyncEngine(engine, threads)
     base_name = settings.served_model_name or Path(settings.model).resolve().name
     # Experiments keep their tables in the catalogue's database, through the catalogue's own engine.
     store = ExperimentStore(registry.catalogue.engine)
@@ -119,7 +122,13 @@ def _log_auth(state: AppState) -> None:
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = await asyncio.to_thread(build_state, settings)
+        # Only the engine thread runs parallel torch work (server/engine/torch_threads.py): this thread and
+        # the worker threads that load the model and validate uploads stay serial.
+        threads = engine_threads(settings.torch_threads)
+        use_one_thread()
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(thread_name_prefix="loraserve-worker", initializer=use_one_thread))
+        state = await asyncio.to_thread(build_state, settings, threads)
         state.engine.start()
         app.state.loraserve = state
         _log_auth(state)

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
+import torch
+
 from server.engine.engine import LLMEngine, RequestOutput
 from server.engine.sequence import SamplingParams
 from server.lora.adapter import LoraAdapter
@@ -23,8 +25,10 @@ _IDLE_WAIT_S = 0.5
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, threads: int | None = None):
+        """`threads`: torch threads of the engine thread (None: leave torch's setting alone)."""
         self.engine = engine
+        self._threads = threads
         self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
         self._thread: threading.Thread | None = None
@@ -83,6 +87,8 @@ class AsyncEngine:
             self.call(lambda: self.engine.abort(request_id))
 
     def _loop(self) -> None:
+        if self._threads is not None:  # a per-thread setting: see server/engine/torch_threads.py
+            torch.set_num_threads(self._threads)
         while not self._stopping.is_set():
             self._drain_inbox(block=not self.engine.has_unfinished())
             if self.engine.has_unfinished():

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.torch_threads import use_one_thread
 from server.lora.adapter import LoraAdapter
 from server.lora.merge import merge_adapter, merged_nbytes
 from server.lora.targets import TargetModule
@@ -83,7 +84,8 @@ class MergeManager:
         self.demotions = 0
         self._targets = targets
         self._pending: dict[str, tuple[Future, str]] = {}
-        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraserve-merge")
+        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraserve-merge",
+                                           initializer=use_one_thread)  # the engine's cores stay its own
 
     @property
     def used_bytes(self) -> int:
