@@ -2,9 +2,10 @@
 
 One run, side by side and interleaved: a random Llama and 8 PEFT adapters; 64 concurrent greedy
 requests over the adapters, measured (a) with LLMEngine.generate in this process and (b) as streaming
-/v1/completions against `loraserve serve` in a subprocess on loopback (the client runs here, on the
-same cores, as a co-located caller would). Then the time from uploading a new adapter to its first
-served token. See docs/bench-http.md.
+/v1/completions against `loraserve serve` in a subprocess on loopback, sent from this process (on the
+same cores) by a minimal raw-socket client, whose text must equal the engine's, and (c) by the httpx
+client, for comparison: its own CPU costs the server's cores. Then the time from uploading a new
+adapter to its first served token. See docs/bench-http.md.
 
     python -m bench.http_bench            # about 3 minutes on 2 cores
     python -m bench.http_bench --quick    # tiny model, smoke test
@@ -30,8 +31,9 @@ from server.config import Settings
 from server.engine.engine import LLMEngine
 from server.engine.model_loader import load_base_model, load_tokenizer
 from server.engine.sequence import SamplingParams
-from tests.factories import build_model, llama_config, make_adapter, save_model
 from bench.server_process import ServerProcess
+from bench.sse_client import fetch_stream, parse_completion_stream
+from tests.factories import build_model, llama_config, make_adapter, save_model
 
 RESULTS_DIR = Path(__file__).parent / "results"
 GOAL_MAX_LOSS = 0.10  # HTTP may cost at most 10% of the engine's throughput
@@ -80,18 +82,31 @@ def settings(base_dir: Path, store: Path, port: int = 8000) -> Settings:
                     max_batch_tokens=4096, served_model_name="base", log_format="text")
 
 
-def engine_round(engine: LLMEngine, work: Workload) -> tuple[float, int]:
+def engine_round(engine: LLMEngine, work: Workload) -> tuple[float, int, list[str]]:
     params = SamplingParams(max_tokens=work.max_tokens, temperature=0, ignore_eos=True)
     started = time.perf_counter()
     results = engine.generate(work.prompts, params, work.models)
-    return time.perf_counter() - started, sum(len(r.token_ids) for r in results)
+    return time.perf_counter() - started, sum(len(r.token_ids) for r in results), [r.text for r in results]
+
+
+def _stream_body(model: str, prompt: str, max_tokens: int) -> dict:
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def raw_round(url: str, work: Workload) -> tuple[float, int, list[str]]:
+    """The workload through the raw-socket client: responses are parsed after the clock stops."""
+    started = time.perf_counter()
+    raw = await asyncio.gather(*(fetch_stream(url + "/v1/completions", _stream_body(m, p, work.max_tokens))
+                                 for m, p in zip(work.models, work.prompts)))
+    seconds = time.perf_counter() - started
+    completions = [parse_completion_stream(r) for r in raw]
+    return seconds, sum(c.completion_tokens for c in completions), [c.text for c in completions]
 
 
 async def _stream_one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> int:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
     tokens = 0
-    async with client.stream("POST", "/v1/completions", json=body) as response:
+    async with client.stream("POST", "/v1/completions", json=_stream_body(model, prompt, max_tokens)) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if line.startswith("data: {") and '"usage"' in line:
@@ -99,7 +114,7 @@ async def _stream_one(client: httpx.AsyncClient, model: str, prompt: str, max_to
     return tokens
 
 
-async def http_round(url: str, work: Workload) -> tuple[float, int]:
+async def httpx_round(url: str, work: Workload) -> tuple[float, int]:
     limits = httpx.Limits(max_connections=len(work.prompts) + 1)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         started = time.perf_counter()
@@ -127,7 +142,10 @@ async def upload_to_first_token(url: str, adapter_dir: Path) -> dict:
             "upload_to_first_token_s": first - started}
 
 
-def report(rounds: dict[str, list[tuple[float, int]]], cold: dict, shape: dict) -> dict:
+LABELS = {"engine": "engine, direct", "http": "HTTP streaming, raw client", "httpx": "HTTP streaming, httpx client"}
+
+
+def report(rounds: dict[str, list[tuple[float, int]]], cold: dict, shape: dict, outputs_match: bool) -> dict:
     best = {name: max(tokens / seconds for seconds, tokens in runs) for name, runs in rounds.items()}
     ratio = best["http"] / best["engine"]
     return {
@@ -135,21 +153,22 @@ def report(rounds: dict[str, list[tuple[float, int]]], cold: dict, shape: dict) 
         "shape": shape,
         "rounds": {name: [{"seconds": s, "tokens": t, "tokens_per_s": t / s} for s, t in runs]
                    for name, runs in rounds.items()},
-        "engine_tokens_per_s": best["engine"],
-        "http_tokens_per_s": best["http"],
-        "http_vs_engine": ratio,
-        "goal": {"max_loss": GOAL_MAX_LOSS, "met": ratio >= 1 - GOAL_MAX_LOSS},
+        "tokens_per_s": best,
+        "vs_engine": {name: value / best["engine"] for name, value in best.items()},
+        "http_outputs_equal_engine": outputs_match,
+        "goal": {"max_loss": GOAL_MAX_LOSS, "ratio": ratio, "met": ratio >= 1 - GOAL_MAX_LOSS},
         "cold_adapter": cold,
     }
 
 
 def print_report(result: dict) -> None:
     print()
-    print(f"{'configuration':<28}{'tokens/s':>10}{'ratio':>8}")
-    print(f"{'engine, direct':<28}{result['engine_tokens_per_s']:>10.1f}{1.0:>8.3f}")
-    print(f"{'HTTP, streaming':<28}{result['http_tokens_per_s']:>10.1f}{result['http_vs_engine']:>8.3f}")
+    print(f"{'configuration':<32}{'tokens/s':>10}{'ratio':>8}")
+    for name, label in LABELS.items():
+        print(f"{label:<32}{result['tokens_per_s'][name]:>10.1f}{result['vs_engine'][name]:>8.3f}")
+    print(f"HTTP texts equal the engine's: {result['http_outputs_equal_engine']}")
     goal = result["goal"]
-    print(f"goal: HTTP >= {1 - goal['max_loss']:.2f}x the engine: {'met' if goal['met'] else 'NOT met'}")
+    print(f"goal: HTTP >= {1 - goal['max_loss']:.2f}x the engine (raw client): {'met' if goal['met'] else 'NOT met'}")
     cold = result["cold_adapter"]
     print(f"cold adapter: upload {cold['upload_s'] * 1000:.0f} ms, first token {cold['first_token_after_upload_s'] * 1000:.0f} ms "
           f"after it, {cold['upload_to_first_token_s'] * 1000:.0f} ms in all")
@@ -161,12 +180,12 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    values = [result["engine_tokens_per_s"], result["http_tokens_per_s"]]
-    ax.bar(["engine, direct", "HTTP, streaming"], values, color=["#4c72b0", "#dd8452"])
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    values = [result["tokens_per_s"][name] for name in LABELS]
+    ax.bar([label.replace(", ", ",\n") for label in LABELS.values()], values, color=["#4c72b0", "#dd8452", "#c4ad66"])
     ax.axhline(values[0] * (1 - GOAL_MAX_LOSS), color="grey", linestyle="--", label="goal: 0.90x engine")
     ax.set_ylabel("output tokens/s")
-    ax.set_title(f"HTTP overhead: {result['http_vs_engine']:.3f}x the engine")
+    ax.set_title(f"HTTP overhead: {result['vs_engine']['http']:.3f}x the engine")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -188,20 +207,23 @@ def main(argv: list[str] | None = None) -> None:
                            settings(base_dir, store))
         for i in range(shape["adapters"]):
             engine.load_adapter(f"a{i:02d}", store / f"a{i:02d}")
-        rounds: dict[str, list[tuple[float, int]]] = {"engine": [], "http": []}
+        rounds: dict[str, list[tuple[float, int]]] = {name: [] for name in LABELS}
         server_settings = {"kv_cache_memory": 2 * 1024**3, "max_loras": 32, "max_lora_rank": 32, "max_num_seqs": 64,
                            "max_batch_tokens": 4096, "dtype": "float32", "device": "cpu", "log_format": "text"}
         with ServerProcess(base_dir, store, server_settings) as server:
-            log("warming up both paths")
-            engine_round(engine, work)
-            asyncio.run(http_round(server.url, work))
-            for r in range(shape["repeats"]):  # interleaved: noise hits both alike
-                rounds["engine"].append(engine_round(engine, work))
-                rounds["http"].append(asyncio.run(http_round(server.url, work)))
-                log(f"round {r + 1}/{shape['repeats']}: engine {rounds['engine'][-1][0]:.2f}s, "
-                    f"http {rounds['http'][-1][0]:.2f}s")
+            log("warming up every path")
+            *_, engine_texts = engine_round(engine, work)
+            *_, http_texts = asyncio.run(raw_round(server.url, work))
+            asyncio.run(httpx_round(server.url, work))
+            for r in range(shape["repeats"]):  # interleaved: noise hits all alike
+                rounds["engine"].append(engine_round(engine, work)[:2])
+                seconds, tokens, http_texts = asyncio.run(raw_round(server.url, work))
+                rounds["http"].append((seconds, tokens))
+                rounds["httpx"].append(asyncio.run(httpx_round(server.url, work)))
+                log(f"round {r + 1}/{shape['repeats']}: " + ", ".join(
+                    f"{name} {runs[-1][0]:.2f}s" for name, runs in rounds.items()))
             cold = asyncio.run(upload_to_first_token(server.url, cold_dir))
-    result = report(rounds, cold, shape)
+    result = report(rounds, cold, shape, outputs_match=http_texts == engine_texts)
     print_report(result)
     (out / "http_bench.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "http_bench.png")
