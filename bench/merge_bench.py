@@ -5,7 +5,8 @@ A random Llama (the engine benchmark's shape) and 32 PEFT adapters of mixed rank
   uniform  requests spread evenly over all 32
   shift    the hot adapter (90%) changes midway: does the merged set follow?
 Engines with merging off (--merged-budget 0) and on (2 GB) run the same workloads, interleaved,
-after a warm-up round that lets the policy see the traffic. The bare base is the reference.
+after warm-up rounds that let the policy see the traffic. The bare base (on the merging-off engine)
+is the reference, measured in every round beside the others and kept at its best.
 
     python -m bench.merge_bench            # about 5 minutes on 2 cores
     python -m bench.merge_bench --quick    # tiny model, smoke test
@@ -101,19 +102,23 @@ def main(argv: list[str] | None = None) -> None:
         log("building the model and 32 adapters")
         base_dir = build(Path(tmp), shape)
         engines = {"off": engine(base_dir, 0, shape["half_life"]), "on": engine(base_dir, 2 * 1024**3, shape["half_life"])}
-        workloads = {name: adapters_for(name, shape["requests"], "a00", random.Random(1))
-                     for name in ("base", "hot90", "uniform")}
+        base = adapters_for("base", shape["requests"], "a00", random.Random(1))
         best: dict[str, float] = {}
-        for name, adapters in workloads.items():
+
+        def measure(key: str, llm: LLMEngine, adapters: list[str | None]) -> None:
+            best[key] = max(best.get(key, 0.0), run(llm, prompts, adapters, shape["max_tokens"]))
+
+        for name in ("hot90", "uniform"):
+            adapters = adapters_for(name, shape["requests"], "a00", random.Random(1))
             for _ in range(WARM_UP_ROUNDS):
                 for llm in engines.values():
                     run(llm, prompts, adapters, shape["max_tokens"])
-            for r in range(shape["repeats"]):
+            for r in range(shape["repeats"]):  # the bare base in every round too: noise hits all alike
+                measure("base/off", engines["off"], base)
                 for mode, llm in engines.items():
-                    rate = run(llm, prompts, adapters, shape["max_tokens"])
-                    best[f"{name}/{mode}"] = max(best.get(f"{name}/{mode}", 0.0), rate)
-            log(f"{name}: off {best[f'{name}/off']:.1f} tok/s, on {best[f'{name}/on']:.1f} tok/s, "
-                f"merged now: {sorted(engines['on'].merges.merged)}")
+                    measure(f"{name}/{mode}", llm, adapters)
+            log(f"{name}: bare base {best['base/off']:.1f} tok/s, off {best[f'{name}/off']:.1f}, "
+                f"on {best[f'{name}/on']:.1f}, merged now: {sorted(engines['on'].merges.merged)}")
         shift = shift_trace(engines["on"], prompts, shape)
     report = summarize(best, shift, shape)
     print_report(report)
