@@ -82,3 +82,27 @@ def test_refusal_reaches_the_caller(async_engine):
 
     with pytest.raises(UnknownAdapterError):
         asyncio.run(main())
+
+
+def test_only_the_engine_thread_asks_for_parallel_torch_work(llama_dir):
+    """torch's thread count is per thread: the engine thread gets its own, this one keeps one
+    (server/engine/torch_threads.py explains why a second parallel thread slows every step)."""
+    import threading
+
+    import torch
+
+    from server.engine.torch_threads import use_one_thread
+
+    runner = AsyncEngine(make_engine(llama_dir), threads=2)
+    runner.start()
+    try:
+        assert runner.call(torch.get_num_threads).result(timeout=30) == 2
+        assert torch.get_num_threads() == 1  # conftest keeps the test thread at one
+        seen = []
+        worker = threading.Thread(target=lambda: (use_one_thread(), seen.append(torch.get_num_threads())))
+        worker.start()
+        worker.join()
+        assert seen == [1]
+        assert runner.call(torch.get_num_threads).result(timeout=30) == 2, "the worker must not change the engine's"
+    finally:
+        runner.stop()
