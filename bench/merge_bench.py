@@ -103,24 +103,20 @@ def main(argv: list[str] | None = None) -> None:
         base_dir = build(Path(tmp), shape)
         engines = {"off": engine(base_dir, 0, shape["half_life"]), "on": engine(base_dir, 2 * 1024**3, shape["half_life"])}
         base = adapters_for("base", shape["requests"], "a00", random.Random(1))
-        best: dict[str, float] = {}
-
-        def measure(key: str, llm: LLMEngine, adapters: list[str | None]) -> None:
-            best[key] = max(best.get(key, 0.0), run(llm, prompts, adapters, shape["max_tokens"]))
-
+        rounds: dict[str, list[float]] = {}  # "shape/engine" -> tok/s of each timed round
         for name in ("hot90", "uniform"):
             adapters = adapters_for(name, shape["requests"], "a00", random.Random(1))
             for _ in range(WARM_UP_ROUNDS):
                 for llm in engines.values():
                     run(llm, prompts, adapters, shape["max_tokens"])
             for r in range(shape["repeats"]):  # the bare base in every round too: noise hits all alike
-                measure("base/off", engines["off"], base)
-                for mode, llm in engines.items():
-                    measure(f"{name}/{mode}", llm, adapters)
-            log(f"{name}: bare base {best['base/off']:.1f} tok/s, off {best[f'{name}/off']:.1f}, "
-                f"on {best[f'{name}/on']:.1f}, merged now: {sorted(engines['on'].merges.merged)}")
+                for key, llm, work in ((f"{name}/base", engines["off"], base), (f"{name}/off", engines["off"], adapters),
+                                       (f"{name}/on", engines["on"], adapters)):
+                    rounds.setdefault(key, []).append(run(llm, prompts, work, shape["max_tokens"]))
+            log(f"{name}: " + ", ".join(f"{key} {max(rounds[key]):.1f}" for key in rounds if key.startswith(name))
+                + f" tok/s, merged now: {sorted(engines['on'].merges.merged)}")
         shift = shift_trace(engines["on"], prompts, shape)
-    report = summarize(best, shift, shape)
+    report = summarize(rounds, shift, shape)
     print_report(report)
     (out / "merge_bench.json").write_text(json.dumps(report, indent=2))
     plot(report, out / "merge_bench.png")
@@ -138,17 +134,21 @@ def shift_trace(llm: LLMEngine, prompts: list[list[int]], shape: dict) -> list[d
     return trace
 
 
-def summarize(best: dict[str, float], shift: list[dict], shape: dict) -> dict:
-    base = best["base/off"]
-    rows = {key: {"tokens_per_s": value, "vs_bare_base": value / base} for key, value in best.items()}
-    hot_ratio = best["hot90/on"] / base
+def summarize(rounds: dict[str, list[float]], shift: list[dict], shape: dict) -> dict:
+    """Each shape against the bare base timed in the same rounds (best vs best, and round by round)."""
+    best = {key: max(values) for key, values in rounds.items()}
+    rows = {key: {"tokens_per_s": value, "rounds": rounds[key],
+                  "vs_bare_base": value / best[key.split("/")[0] + "/base"]} for key, value in best.items()}
+    hot_ratio = rows["hot90/on"]["vs_bare_base"]
     return {
         "command": "python -m bench.merge_bench" + (" --quick" if shape is QUICK else ""),
         "shape": shape,
         "results": rows,
         "shift_trace": shift,
         "goals": {
-            "hot90 with merging >= 0.95x bare base": {"ratio": hot_ratio, "met": hot_ratio >= GOAL_HOT_VS_BASE},
+            "hot90 with merging >= 0.95x bare base": {
+                "ratio": hot_ratio, "met": hot_ratio >= GOAL_HOT_VS_BASE,
+                "per_round": [on / bare for on, bare in zip(rounds["hot90/on"], rounds["hot90/base"])]},
             "hot90: merging on beats off": {"ratio": best["hot90/on"] / best["hot90/off"],
                                             "met": best["hot90/on"] > best["hot90/off"]},
             "uniform: merging on no slower than off": {"ratio": best["uniform/on"] / best["uniform/off"],
@@ -159,7 +159,7 @@ def summarize(best: dict[str, float], shift: list[dict], shape: dict) -> dict:
 
 
 def print_report(report: dict) -> None:
-    print(f"\n{'workload / merging':<22}{'tokens/s':>10}{'vs base':>9}")
+    print(f"\n{'workload / engine':<22}{'tokens/s':>10}{'vs base':>9}   (base: the bare base in the same rounds)")
     for key, row in report["results"].items():
         print(f"{key:<22}{row['tokens_per_s']:>10.1f}{row['vs_bare_base']:>9.3f}")
     print("\nshift trace (hot adapter -> merged copies):")
@@ -168,6 +168,8 @@ def print_report(report: dict) -> None:
     print()
     for goal, value in report["goals"].items():
         ratio = f" ({value['ratio']:.3f})" if "ratio" in value else ""
+        if "per_round" in value:
+            ratio += " [rounds: " + " ".join(f"{r:.3f}" for r in value["per_round"]) + "]"
         print(f"goal: {goal}{ratio}: {'met' if value['met'] else 'NOT met'}")
 
 
@@ -180,7 +182,7 @@ def plot(report: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
     keys = list(report["results"])
     left.bar(keys, [report["results"][k]["vs_bare_base"] for k in keys],
-             color=["#4c72b0" if k.endswith("off") else "#dd8452" for k in keys])
+             color=[{"base": "#999999", "off": "#4c72b0", "on": "#dd8452"}[k.split("/")[1]] for k in keys])
     left.axhline(GOAL_HOT_VS_BASE, color="grey", linestyle="--", label="goal for hot90 (0.95)")
     left.set_ylabel("throughput vs bare base")
     left.tick_params(axis="x", rotation=30)

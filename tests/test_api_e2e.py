@@ -1,8 +1,9 @@
 """End to end: a real uvicorn server on loopback, the official openai client and plain HTTP."""
 
 import asyncio
-import time
+import re
 import shutil
+import time
 
 import httpx
 import openai
@@ -161,8 +162,11 @@ def test_metrics_carry_adapter_labels(server, client):
     assert 'loraserve_output_tokens_total{adapter="task4@1"}' in text
     assert "loraserve_time_to_first_token_seconds_bucket" in text
     for gauge in ("loraserve_queue_depth", "loraserve_running_batch_size", "loraserve_kv_cache_usage_ratio",
-                  "loraserve_device_adapter_loads_total"):
+                  "loraserve_device_adapter_loads_total", "loraserve_device_adapter_moves_total",
+                  "loraserve_engine_step_seconds_total"):
         assert gauge in text
+    steps = float(re.search(r"^loraserve_engine_steps_total (\S+)$", text, re.M).group(1))
+    assert steps >= 3, "three tokens took at least three forward passes"
 
 
 def test_client_disconnect_frees_the_batch_slot_and_cache(server):

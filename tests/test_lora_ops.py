@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from server.lora.ops import add_lora, add_lora_reference, plan_runs
+from server.lora.ops import Run, add_lora, add_lora_reference, plan_runs
 
 NUM_SLOTS, D_IN, D_OUT, MAX_RANK = 8, 24, 40, 16
 RANKS = [4, 16, 8, 2, 16, 8, 4, 12]
@@ -134,3 +134,50 @@ def test_low_precision_dtypes_stay_close(dtype, tol):
     add_lora(got, x.to(dtype), lora_a.to(dtype), lora_b.to(dtype), RANKS,
              plan_runs(slots, 8, x.device))
     torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def fused_op():
+    from server.lora.cpu_kernel import load_cpu_kernel
+
+    op = load_cpu_kernel()
+    if op is None:
+        pytest.skip("no C++ toolchain here: the fused CPU op could not be built")
+    return op
+
+
+@pytest.mark.parametrize("shape", ["identical", "distinct", "uniform", "zipf", "skewed"])
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_fused_cpu_op_matches_reference(fused_op, shape, tokens):
+    rng = random.Random(hash((shape, tokens, "fused")) & 0xFFFF)
+    slots = sorted(_traffic(shape, tokens, rng))
+    lora_a, lora_b = _slot_buffers(seed=tokens)
+    x = torch.randn(tokens, D_IN)
+    expected, got = torch.zeros(tokens, D_OUT), torch.zeros(tokens, D_OUT)
+    add_lora_reference(expected, x, lora_a, lora_b, slots)
+    plan = plan_runs(slots, 10_000, x.device, adapter_ranks=RANKS, fused_max_tokens=10_000)  # no long runs
+    assert (plan.fused is not None) == any(s >= 0 for s in slots)
+    add_lora(got, x, lora_a, lora_b, RANKS, plan, fused_op, torch.tensor(RANKS))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_fused_cpu_op_subtracts_a_merged_adapter(fused_op):
+    """A mixed merged step: slot 5's tokens run on a merged copy (NO_SLOT here, packed last); every other
+    token adds its own delta and subtracts slot 5's, some through a long run, the rest through the op."""
+    slots = [0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3] + [-1] * 6
+    subtract = (Run(0, 13, 5),)
+    lora_a, lora_b = _slot_buffers(seed=11)
+    x = torch.randn(len(slots), D_IN)
+    expected, got = torch.zeros(len(slots), D_OUT), torch.zeros(len(slots), D_OUT)
+    add_lora_reference(expected, x, lora_a, lora_b, slots)
+    negated = torch.zeros_like(expected)
+    add_lora_reference(negated, x, lora_a, lora_b, [5] * 13 + [-1] * 6)
+    plan = plan_runs(slots, 8, x.device, subtract, adapter_ranks=RANKS, fused_max_tokens=16)
+    assert [(r.start, r.end) for r in plan.fused.runs] == [(3, 12)] and plan.fused.subtract == (Run(0, 13, 5),)
+    add_lora(got, x, lora_a, lora_b, RANKS, plan, fused_op, torch.tensor(RANKS))
+    torch.testing.assert_close(got, expected - negated, rtol=1e-5, atol=1e-4)
+
+
+def test_plans_with_many_short_tokens_leave_the_fused_op_out():
+    plan = plan_runs([s for s in range(8) for _ in range(3)], 8, torch.device("cpu"), fused_max_tokens=16)
+    assert plan.fused is None and plan.groups

@@ -89,6 +89,7 @@ class _EngineCollector:
         yield shares
         yield _counter("loraserve_device_adapter_loads", "Adapter loads into device slots.", slots.loads)
         yield _counter("loraserve_device_adapter_evictions", "Adapters evicted from device slots.", slots.evictions)
+        yield _counter("loraserve_device_adapter_moves", "Residents moved to keep slots sorted by rank.", slots.moves)
         yield _counter("loraserve_device_adapter_load_seconds", "Time spent loading adapters into slots.",
                        slots.load_seconds)
         yield _counter("loraserve_preemptions", "Sequences preempted for lack of KV cache.", scheduler.preemptions)

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from server.config import Settings
@@ -28,6 +29,7 @@ from server.engine.scheduler import Scheduler, SchedulerLimits
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
 from server.errors import CapacityError, RequestTooLargeError, UnknownAdapterError
 from server.lora.adapter import LoraAdapter, load_lora_adapter
+from server.lora.cpu_kernel import load_cpu_kernel
 from server.lora.layer import LoraBatch, wrap_target_modules
 from server.lora.slots import LoraSlotPool
 from server.lora.targets import find_target_modules
@@ -76,6 +78,8 @@ class LLMEngine:
         self.targets = find_target_modules(model)
         self.slots = LoraSlotPool(self.targets, settings.max_loras, settings.max_lora_rank, self.dtype, self.device)
         lora_batch = LoraBatch()
+        if settings.cpu_kernel and self.device.type == "cpu" and self.dtype == torch.float32:
+            lora_batch.fused_op = load_cpu_kernel()
         wrap_target_modules(model, self.targets, self.slots, lora_batch)
         self.kv_cache = PagedKVCache.from_budget(
             kv_shape(model), int(settings.kv_cache_memory), settings.kv_block_size, self.dtype, self.device

@@ -20,6 +20,10 @@ from server.lora.slots import LoraSlotPool
 NO_SLOT = -1
 # Runs at least this long get their own matmul pair at their true rank; shorter ones are padded.
 LONG_RUN_MIN_TOKENS = 8
+# A step with at most this many short-run tokens (adds and subtractions) goes to the fused CPU op, when
+# there is one: it beat the bmm groups with 6 rare adapters beside a merged one and lost with 32 adapters
+# of 2 tokens each (docs/bench-merge.md).
+FUSED_MAX_TOKENS = 16
 
 
 class ModelRunner:
@@ -112,7 +116,8 @@ class ModelRunner:
             token_slots = token_slots[:others] + [NO_SLOT] * (len(token_slots) - others)
             self.merged_steps += not subtract
             self.mixed_merged_steps += bool(subtract)
-        plan = plan_runs(token_slots, LONG_RUN_MIN_TOKENS, self.device, subtract, self.slots.adapter_ranks)
+        plan = plan_runs(token_slots, LONG_RUN_MIN_TOKENS, self.device, subtract, self.slots.adapter_ranks,
+                         fused_max_tokens=FUSED_MAX_TOKENS if self.lora_batch.fused_op is not None else 0)
         self.lora_batch.plan = plan if plan.has_lora else None
         if any(self.slots.uses_dora(seq.adapter_name) for seq in seqs if seq.adapter is not None):
             no_adapter_row = self.slots.num_slots

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from server.lora.cpu_kernel import LoraTokensOp
 from server.lora.ops import LoraPlan, add_lora
 from server.lora.slots import LoraSlotPool
 from server.lora.targets import TargetModule
@@ -17,11 +18,13 @@ class LoraBatch:
     plan:      which tokens use which slot (None: no adapter anywhere in the batch).
     dora_rows: per-token row into each module's DoRA factors (None: no DoRA adapter in the batch).
     merged:    module name -> merged weight (native layout) the whole batch runs on instead of the base.
+    fused_op:  the fused CPU op for plans that carry few tokens (set once by the engine; None: torch path).
     """
 
     plan: LoraPlan | None = None
     dora_rows: torch.Tensor | None = None
     merged: dict[str, torch.Tensor] = field(default_factory=dict)
+    fused_op: LoraTokensOp | None = None
 
     def clear(self) -> None:
         self.plan, self.dora_rows, self.merged = None, None, {}
@@ -51,8 +54,9 @@ class LoraLinear(nn.Module):
             out = out * slots.dora_scale.index_select(0, batch.dora_rows)
             if bias is not None:
                 out = out + bias
-        if slots is not None and batch.plan is not None and batch.plan.has_lora:
-            add_lora(out, flat, slots.lora_a, slots.lora_b, slots.slot_ranks, batch.plan)
+        if slots is not None and batch.plan is not None:
+            add_lora(out, flat, slots.lora_a, slots.lora_b, slots.slot_ranks, batch.plan, batch.fused_op,
+                     slots.rank_tensor)
         return out.view(*x.shape[:-1], self.out_features)
 
     def _matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -21,12 +21,17 @@ CPU each call costs microseconds whatever its size, and a step makes these calls
 * when a group's tokens are contiguous with the same count per slot (decode, where each adapter's
   sequences sit side by side), its grid is a view of `x` and its delta is added into `out` in place:
   no gather, no scatter; a group of one such slot is just a run (a matmul pair is cheaper than bmm).
+
+When a step has only a few such tokens (the rare adapters beside a merged one), the plan also lists
+them one by one for the fused CPU op (`cpu_kernel.py`): one call per module instead of a few per group.
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from server.lora.cpu_kernel import LoraTokensOp
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,16 @@ class SlotGroup:
 
 
 @dataclass(frozen=True)
+class FusedTokens:
+    """The same step for the fused op: long runs (and long subtractions) still by matmul, every other
+    token's add and subtract one row of `tokens`: (token, slot, sign), sorted by token."""
+
+    runs: tuple[Run, ...]
+    subtract: tuple[Run, ...]
+    tokens: torch.Tensor
+
+
+@dataclass(frozen=True)
 class LoraPlan:
     """How one forward pass applies adapters; built once per step, read by every LoRA layer.
 
@@ -73,6 +88,7 @@ class LoraPlan:
     runs: tuple[Run, ...]  # each served by its own matmul pair
     groups: tuple[SlotGroup, ...]
     subtract: tuple[Run, ...] = ()
+    fused: FusedTokens | None = None  # set when the step has few short tokens and a fused op may serve them
 
     @property
     def has_lora(self) -> bool:
@@ -80,11 +96,12 @@ class LoraPlan:
 
 
 def plan_runs(token_slots: list[int], long_run_min: int, device: torch.device, subtract: tuple[Run, ...] = (),
-              adapter_ranks: Sequence[int] | None = None) -> LoraPlan:
+              adapter_ranks: Sequence[int] | None = None, fused_max_tokens: int = 0) -> LoraPlan:
     """Split the per-token slots (adapter tokens contiguous; -1 = no adapter) into runs and slot groups.
 
     `adapter_ranks[s]` is the (largest) rank of the adapter in slot s; slots of different rank go to
-    different groups (None: one rank for all)."""
+    different groups (None: one rank for all). With at most `fused_max_tokens` tokens outside long runs
+    (adds and subtractions counted), the plan also carries them for the fused op."""
     runs = []
     start = 0
     for t in range(1, len(token_slots) + 1):
@@ -94,13 +111,25 @@ def plan_runs(token_slots: list[int], long_run_min: int, device: torch.device, s
             start = t
     matmul_runs = [r for r in runs if r.end - r.start >= long_run_min]
     short = [r for r in runs if r.end - r.start < long_run_min]
+    fused = _fused_tokens(matmul_runs, short, subtract, long_run_min, fused_max_tokens, device)
     groups = []
     for group in _group_short_runs(short, adapter_ranks, device):
         if len(group.slots) == 1 and group.token_index is None:  # one slot's contiguous tokens: a run
             matmul_runs.append(Run(group.token_start, group.token_start + group.max_len, group.slots[0]))
         else:
             groups.append(group)
-    return LoraPlan(runs=tuple(matmul_runs), groups=tuple(groups), subtract=subtract)
+    return LoraPlan(runs=tuple(matmul_runs), groups=tuple(groups), subtract=subtract, fused=fused)
+
+
+def _fused_tokens(long_runs: list[Run], short: list[Run], subtract: tuple[Run, ...], long_run_min: int,
+                  max_tokens: int, device: torch.device) -> FusedTokens | None:
+    short_subtract = [r for r in subtract if r.end - r.start < long_run_min]
+    entries = [(t, r.slot, 1) for r in short for t in range(r.start, r.end)]
+    entries += [(t, r.slot, -1) for r in short_subtract for t in range(r.start, r.end)]
+    if not entries or len(entries) > max_tokens:
+        return None
+    return FusedTokens(runs=tuple(long_runs), subtract=tuple(r for r in subtract if r not in short_subtract),
+                       tokens=torch.tensor(sorted(entries), dtype=torch.long, device=device))
 
 
 def _group_short_runs(runs: list[Run], adapter_ranks: Sequence[int] | None, device: torch.device
@@ -154,19 +183,31 @@ def _slot_group(slots: tuple[int, ...], tokens_of: dict[int, list[int]], gathere
 
 
 def add_lora(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-             slot_ranks: list[int], plan: LoraPlan) -> None:
-    """out (T, d_out) += each token's own low-rank delta, in place. `slot_ranks`: this module's ranks."""
-    for runs, sign in ((plan.runs, 1), (plan.subtract, -1)):
-        for run in runs:
-            rank = slot_ranks[run.slot]
-            if rank:
-                shrunk = x[run.start:run.end] @ lora_a[run.slot, :rank].T
-                out[run.start:run.end].addmm_(shrunk, lora_b[run.slot, :rank], alpha=sign)
+             slot_ranks: list[int], plan: LoraPlan, fused_op: LoraTokensOp | None = None,
+             rank_tensor: torch.Tensor | None = None) -> None:
+    """out (T, d_out) += each token's own low-rank delta, in place. `slot_ranks`: this module's ranks
+    (`rank_tensor`: the same as a tensor, for `fused_op`, which serves the plan's fused tokens if both
+    are given)."""
+    if fused_op is not None and plan.fused is not None:
+        _add_runs(out, x, lora_a, lora_b, slot_ranks, plan.fused.runs, plan.fused.subtract)
+        fused_op(out, x, lora_a, lora_b, rank_tensor, plan.fused.tokens)
+        return
+    _add_runs(out, x, lora_a, lora_b, slot_ranks, plan.runs, plan.subtract)
     for group in plan.groups:
         # Read only up to the largest rank among the group's slots for this module, not the buffers' maximum.
         rank = max(slot_ranks[slot] for slot in group.used_slots)
         if rank:
             _add_group(out, x, lora_a, lora_b, rank, group)
+
+
+def _add_runs(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slot_ranks: list[int],
+              runs: tuple[Run, ...], subtract: tuple[Run, ...]) -> None:
+    for run_list, sign in ((runs, 1), (subtract, -1)):
+        for run in run_list:
+            rank = slot_ranks[run.slot]
+            if rank:
+                shrunk = x[run.start:run.end] @ lora_a[run.slot, :rank].T
+                out[run.start:run.end].addmm_(shrunk, lora_b[run.slot, :rank], alpha=sign)
 
 
 def _add_group(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int,

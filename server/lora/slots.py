@@ -33,6 +33,7 @@ class ModuleSlots:
         # Row `num_slots` is all ones: the DoRA factor of tokens without an adapter (or plain LoRA).
         self.dora_scale = torch.ones(num_slots + 1, target.out_features, dtype=dtype, device=device)
         self.slot_ranks = [0] * num_slots
+        self.rank_tensor = torch.zeros(num_slots, dtype=torch.long)  # the same, for the fused CPU op
 
     def write(self, slot: int, weights: LoraModuleWeights | None) -> None:
         """Put one adapter's weights for this module in `slot` (None: the adapter leaves it alone)."""
@@ -43,7 +44,7 @@ class ModuleSlots:
             self.lora_b[slot, :rank].copy_(weights.lora_b.T)
             if weights.dora_scale is not None:
                 self.dora_scale[slot].copy_(weights.dora_scale)
-            self.slot_ranks[slot] = rank
+            self._set_rank(slot, rank)
 
     def move(self, source: int, target: int) -> None:
         """Move the contents of `source` to the empty slot `target`, leaving `source` empty."""
@@ -51,7 +52,7 @@ class ModuleSlots:
         self.lora_a[target, :rank].copy_(self.lora_a[source, :rank])
         self.lora_b[target, :rank].copy_(self.lora_b[source, :rank])
         self.dora_scale[target].copy_(self.dora_scale[source])
-        self.slot_ranks[target] = rank
+        self._set_rank(target, rank)
         self._clear(source)
 
     def _clear(self, slot: int) -> None:
@@ -60,7 +61,11 @@ class ModuleSlots:
             self.lora_a[slot, :rank].zero_()
             self.lora_b[slot, :rank].zero_()
             self.dora_scale[slot].fill_(1.0)
-            self.slot_ranks[slot] = 0
+            self._set_rank(slot, 0)
+
+    def _set_rank(self, slot: int, rank: int) -> None:
+        self.slot_ranks[slot] = rank
+        self.rank_tensor[slot] = rank
 
 
 class LoraSlotPool:
