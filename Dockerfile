@@ -15,9 +15,10 @@ ENV PIP_EXTRA_INDEX_URL=${TORCH_INDEX_URL} \
     HF_HUB_OFFLINE=1 \
     DEBIAN_FRONTEND=noninteractive
 
-# make drives the install; CUDA images also lack Python (python:*-slim images have it).
+# make drives the install; g++ builds the fused CPU LoRA op; CUDA images also lack Python (python:*-slim
+# images have it).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends make \
+    && apt-get install -y --no-install-recommends make g++ \
     && if ! command -v python3 >/dev/null; then apt-get install -y --no-install-recommends python3 python3-venv; fi \
     && rm -rf /var/lib/apt/lists/*
 
@@ -25,6 +26,9 @@ WORKDIR /app
 COPY . .
 # The same install path as CI (.ci/run): the Makefile creates .venv and installs the project into it.
 RUN make install
+# Build the fused CPU LoRA op now rather than at the first start (cached under ~/.cache/torch_extensions;
+# its name carries the instruction set, so a host without AVX2 builds its own instead of loading this one).
+RUN .venv/bin/python -c "from server.lora.cpu_kernel import load_cpu_kernel; load_cpu_kernel()"
 
 EXPOSE 8000
 # The process answers once the model is loaded (the app's startup loads it before accepting connections).
