@@ -6,7 +6,8 @@ which a server streaming thousands of tokens a second cannot spare. The stores a
 through this process, so dropping everything at each write keeps the copy exact.
 """
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -40,3 +41,11 @@ class ReadCache(Generic[K, V]):
     def invalidate(self) -> None:
         self._generation += 1
         self._values = {}
+
+    @contextmanager
+    def invalidated_after(self) -> Iterator[None]:
+        """Wrap a write: the copy is dropped once it has committed (or failed)."""
+        try:
+            yield
+        finally:
+            self.invalidate()

@@ -79,11 +79,8 @@ class ExperimentStore:
     @contextmanager
     def _writing_experiments(self) -> Iterator[Session]:
         """One transaction that changes experiments (not their request rows): drops the cached ones."""
-        try:
-            with self._write_lock, self._sessions.begin() as session:
-                yield session
-        finally:
-            self._experiments.invalidate()
+        with self._experiments.invalidated_after(), self._write_lock, self._sessions.begin() as session:
+            yield session
 
     # ---- experiments ----------------------------------------------------------------------------
 

@@ -190,7 +190,7 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
     are given)."""
     if fused_op is not None and plan.fused is not None:
         _add_runs(out, x, lora_a, lora_b, slot_ranks, plan.fused.runs, plan.fused.subtract)
-        fused_op(out, x, lora_a, lora_b, rank_tensor, plan.fused.tokens)
+        fused_op(out, x if x.stride(1) == 1 else x.contiguous(), lora_a, lora_b, rank_tensor, plan.fused.tokens)
         return
     _add_runs(out, x, lora_a, lora_b, slot_ranks, plan.runs, plan.subtract)
     for group in plan.groups:

@@ -80,12 +80,9 @@ class Catalogue:
 
     @contextmanager
     def _writing(self) -> Iterator[Session]:
-        """One write transaction; the resolution cache is dropped once it has committed (or failed)."""
-        try:
-            with self._write_lock, self._sessions.begin() as session:
-                yield session
-        finally:
-            self._resolved.invalidate()
+        """One write transaction; the remembered resolutions are dropped once it has committed."""
+        with self._resolved.invalidated_after(), self._write_lock, self._sessions.begin() as session:
+            yield session
 
     @property
     def engine(self) -> Engine:
