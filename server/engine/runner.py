@@ -21,9 +21,9 @@ NO_SLOT = -1
 # Runs at least this long get their own matmul pair at their true rank; shorter ones are padded.
 LONG_RUN_MIN_TOKENS = 8
 # A step with at most this many short-run tokens (adds and subtractions) goes to the fused CPU op, when
-# there is one: it beat the bmm groups with 6 rare adapters beside a merged one and lost with 32 adapters
-# of 2 tokens each (docs/bench-merge.md).
-FUSED_MAX_TOKENS = 16
+# there is one: it beat the bmm groups up to 24 adapters of 1 token and 16 of 2, tied at 32 of 1 and lost
+# at 32 adapters of 2 tokens each (docs/bench-merge.md has the table).
+FUSED_MAX_TOKENS = 32
 
 
 class ModelRunner:
