@@ -13,22 +13,36 @@ class IncrementalDetokenizer:
         self._holdback = max((len(s) for s in stop), default=1) - 1
         self.text = ""
         self.stopped = False
+        # Only the newest tokens are decoded each step (whole-output decoding grows with the square of the
+        # length), next to the tokens before them: decoders strip a sequence's leading space and merge
+        # bytes across tokens, and the context makes both come out as in a whole decode.
+        self._decoded = ""  # the text of output_ids[:_read_offset]
+        self._prefix_offset = 0
+        self._read_offset = 0
 
     def update(self, output_ids: list[int], final: bool = False) -> str:
         """The new text to emit; sets `stopped` (and cuts the text) when a stop string appears."""
-        full = self._tokenizer.decode(output_ids, skip_special_tokens=True)
+        full = self._decode_new(output_ids, final)
         end = len(full)
         if self._stop:
             hit = self._find_stop(full)
             if hit is not None:
                 end, final, self.stopped = hit, True, True
         if not final:
-            if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                end = len(full.rstrip("\ufffd"))
             end = min(end, len(full) - self._holdback)
         delta = full[len(self.text):end] if end > len(self.text) else ""
         self.text += delta
         return delta
+
+    def _decode_new(self, output_ids: list[int], final: bool) -> str:
+        """All the text so far; tokens that end in an incomplete UTF-8 sequence wait for the next one."""
+        decode = self._tokenizer.decode
+        context = decode(output_ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
+        window = decode(output_ids[self._prefix_offset:], skip_special_tokens=True)
+        if len(window) > len(context) and (final or not window.endswith("\ufffd")):
+            self._decoded += window[len(context):]
+            self._prefix_offset, self._read_offset = self._read_offset, len(output_ids)
+        return self._decoded
 
     def _find_stop(self, full: str) -> int | None:
         search_from = max(0, len(self.text) - self._holdback)
