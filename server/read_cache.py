@@ -1,11 +1,13 @@
-"""An in-memory copy of a store's answers, dropped at every write to that store.
+"""An in-memory copy of a store's answers, dropped at every write to that store and after a second.
 
 Every inference request asks the catalogue the same questions ("which version does `model` name?",
 "is it an experiment?"); answering them from SQLite costs about a millisecond each on the event loop,
-which a server streaming thousands of tokens a second cannot spare. The stores are written only
-through this process, so dropping everything at each write keeps the copy exact.
+which a server streaming thousands of tokens a second cannot spare. This process's own writes drop the
+copy at once; an answer also expires after `max_age_s`, so replicas sharing one catalogue see each
+other's writes within that time.
 """
 
+import time
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Generic, TypeVar
@@ -20,22 +22,23 @@ class ReadCache(Generic[K, V]):
     A load that overlapped a write is returned but not remembered (the generation moved), so a reader
     can never put back an answer from before the write. Exceptions are not remembered."""
 
-    def __init__(self, max_entries: int = 4096):
-        self._values: dict[K, V] = {}
+    def __init__(self, max_entries: int = 4096, max_age_s: float = 1.0):
+        self._values: dict[K, tuple[float, V]] = {}  # key -> (when loaded, answer)
         self._generation = 0
         self._max_entries = max_entries  # keys come from clients: bound what unknown names can fill
+        self._max_age_s = max_age_s
 
     def get(self, key: K, load: Callable[[], V]) -> V:
-        try:
-            return self._values[key]
-        except KeyError:
-            pass
+        now = time.monotonic()
+        remembered = self._values.get(key)
+        if remembered is not None and now - remembered[0] < self._max_age_s:
+            return remembered[1]
         generation = self._generation
         value = load()
         if generation == self._generation:
             if len(self._values) >= self._max_entries:
                 self._values = {}
-            self._values[key] = value
+            self._values[key] = (now, value)
         return value
 
     def invalidate(self) -> None:

@@ -1,4 +1,7 @@
-"""The request path's in-memory copy of catalogue answers: exact after every write."""
+"""The request path's in-memory copy of catalogue answers: exact after every write, and never older than
+its maximum age (replicas sharing a catalogue write behind each other's backs)."""
+
+import time
 
 from server.read_cache import ReadCache
 
@@ -23,3 +26,13 @@ def test_entries_are_bounded():
     for key in range(10):
         cache.get(key, lambda key=key: key)
     assert len(cache._values) <= 3
+
+
+def test_answers_expire_so_other_processes_writes_are_seen():
+    cache: ReadCache[str, int] = ReadCache(max_age_s=0.05)
+    store = {"k": 1}
+    assert cache.get("k", lambda: store["k"]) == 1
+    store["k"] = 2  # written by another process: no invalidate() here
+    assert cache.get("k", lambda: store["k"]) == 1, "fresh answers come from memory"
+    time.sleep(0.06)
+    assert cache.get("k", lambda: store["k"]) == 2

@@ -217,7 +217,7 @@ class Catalogue:
     def resolve(self, model: str) -> AdapterRecord:
         """`alias` -> its pinned version; `name@version` -> that version; `name` -> the newest live one.
         InvalidNameError for a malformed string; AdapterNotFoundError when nothing live answers.
-        Answered from memory after the first time, until the next write."""
+        Answered from memory until this process writes or for a second (replicas may write too)."""
         return self._resolved.get(model, lambda: self._resolve(model))
 
     def _resolve(self, model: str) -> AdapterRecord:
