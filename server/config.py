@@ -49,7 +49,8 @@ class Settings(BaseSettings):
     # Tenants and keys
     auth: Literal["auto", "on", "off"] = Field(
         "auto", description="API keys required: 'auto' = on when an admin key is set or the catalogue holds a live key.")
-    admin_key: SecretStr | None = Field(None, description="The first admin key (LORASERVE_ADMIN_KEY).")
+    admin_key: SecretStr | None = Field(
+        None, description="The first admin key; prefer the environment variable (a flag shows in `ps`).")
     # Limits of each tenant (admins have none); 0 = no limit.
     tenant_requests_per_minute: int = Field(600, ge=0, description="Inference requests per minute.")
     tenant_tokens_per_minute: int = Field(200_000, ge=0,
@@ -60,7 +61,7 @@ class Settings(BaseSettings):
                                                description="Bytes of live adapter versions.")
 
     # HTTP
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    log_format: Literal["json", "text"] = "json"
+    host: str = Field("127.0.0.1", description="Address the HTTP server listens on (0.0.0.0 = all).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port of the HTTP server.")
+    log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON or as plain text.")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="Time in-flight requests get to finish.")

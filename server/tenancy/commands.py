@@ -5,13 +5,12 @@ import argparse
 import json
 from pathlib import Path
 
-from server.config import Settings
+from server.settings_cli import add_settings_flags, settings_from_args
 
 
 def add_parser(commands) -> None:
     keys = commands.add_parser("keys", help="create, list and revoke API keys in the catalogue")
-    keys.add_argument("--adapters-dir", type=Path, dest="adapters_dir", help="adapter store directory")
-    keys.add_argument("--catalogue-url", dest="catalogue_url", help="SQLAlchemy URL of the catalogue")
+    add_settings_flags(keys, ("adapters_dir", "catalogue_url"))
     actions = keys.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="create a key and print its secret (shown once)")
     create.add_argument("--role", choices=["admin", "tenant"], default="tenant")
@@ -28,8 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from server.registry.registry import STATE_DIR  # imports torch: only when a keys command runs
     from server.tenancy.keys import KeyStore
 
-    overrides = {k: getattr(args, k) for k in ("adapters_dir", "catalogue_url") if getattr(args, k, None) is not None}
-    settings = Settings(**overrides)
+    settings = settings_from_args(args)
     state = Path(settings.adapters_dir) / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
     catalogue = Catalogue(settings.catalogue_url or f"sqlite:///{state.resolve() / 'catalogue.db'}")
