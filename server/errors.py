@@ -13,6 +13,10 @@ class AdapterValidationError(LoraserveError):
         super().__init__("invalid adapter: " + "; ".join(self.problems))
 
 
+class InvalidRequestError(LoraserveError):
+    """A request the engine can never serve as asked (an empty prompt, ...): the client's mistake."""
+
+
 class UnknownAdapterError(LoraserveError):
     """A request named an adapter the engine does not know."""
 

@@ -170,22 +170,19 @@ def test_metrics_carry_adapter_labels(server, client):
 
 
 def test_client_disconnect_frees_the_batch_slot_and_cache(server):
-    engine = server.state.engine.engine
-    generated_before = engine.tokens_generated
+    engine = server.state.engine
+    generated_before = engine.snapshot.tokens_generated
     body = {"model": "task5", "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
             "stream": True}
     with httpx.Client(base_url=server.url) as http:
         with http.stream("POST", "/v1/completions", json=body) as response:
             lines = response.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))
-            assert server.state.engine.call(lambda: len(engine.scheduler.running)).result() == 1
+            assert engine.snapshot.running == 1
         # leaving the block closes the connection mid-stream
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        running, free = server.state.engine.call(
-            lambda: (len(engine.scheduler.running), engine.kv_cache.allocator.num_free)).result()
-        if running == 0:
-            break
+    while time.monotonic() < deadline and engine.snapshot.running:
         time.sleep(0.02)
-    assert running == 0 and free == engine.kv_cache.allocator.num_blocks
-    assert engine.tokens_generated - generated_before < 100, "the request ran on after its client left"
+    snapshot = engine.snapshot
+    assert snapshot.running == 0 and snapshot.kv_free_blocks == snapshot.kv_blocks
+    assert snapshot.tokens_generated - generated_before < 100, "the request ran on after its client left"

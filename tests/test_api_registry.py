@@ -1,5 +1,6 @@
 """The adapter registry over HTTP: upload → list → infer → new version → alias → delete, and restarts."""
 
+import asyncio
 import json
 
 import httpx
@@ -152,7 +153,7 @@ def test_pin_and_unpin_a_merged_copy(llama_dir, sources, tmp_path):
         unmerged = _text(url, "pinme")
         pinned = httpx.post(url + "/v1/adapters/pinme/merge").json()
         assert pinned["merge"]["pinned"] is True
-        server.state.engine.call(server.state.engine.engine.merges.wait_for_builds).result()
+        asyncio.run(server.state.engine.wait_for_merges())
         detail = httpx.get(url + "/v1/adapters/pinme").json()
         assert detail["resident"] == "merged" and detail["merge"]["events"][0]["action"] == "promote"
         assert _text(url, "pinme") == unmerged

@@ -21,9 +21,9 @@ def async_engine(llama_dir, llama_adapters):
     runner.stop()
 
 
-async def _collect(engine: AsyncEngine, request_id, prompt, params, adapter=None):
+async def _collect(engine: AsyncEngine, prompt, params, adapter=None):
     tokens, chunks, last = [], 0, None
-    async for out in engine.generate(request_id, prompt, params, adapter):
+    async for out in engine.generate(prompt, params, adapter):
         tokens += out.token_ids
         chunks += 1
         last = out
@@ -32,14 +32,14 @@ async def _collect(engine: AsyncEngine, request_id, prompt, params, adapter=None
 
 def test_concurrent_streams_equal_the_sync_engine(async_engine):
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    jobs = [(f"r{i}", [7 + i, 50, 90 + i], [None, "a0", "a1", "a2", "a3"][i % 5]) for i in range(20)]
+    jobs = [([7 + i, 50, 90 + i], [None, "a0", "a1", "a2", "a3"][i % 5]) for i in range(20)]
 
     async def main():
-        return await asyncio.gather(*(_collect(async_engine, rid, p, params, a) for rid, p, a in jobs))
+        return await asyncio.gather(*(_collect(async_engine, p, params, a) for p, a in jobs))
 
     results = asyncio.run(main())
-    expected = async_engine.call(
-        lambda: async_engine.engine.generate([p for _, p, _ in jobs], params, [a for _, _, a in jobs])).result()
+    expected = async_engine._call(  # the engine's own synchronous generate, on its thread
+        lambda: async_engine._engine.generate([p for p, _ in jobs], params, [a for _, a in jobs])).result()
     for (tokens, chunks, last), want in zip(results, expected):
         assert tokens == want.token_ids
         assert chunks == 10, "one streamed chunk per token"
@@ -52,7 +52,7 @@ def test_a_late_short_request_does_not_wait_for_a_long_one(async_engine):
 
         async def run(name, max_tokens, delay):
             await asyncio.sleep(delay)
-            await _collect(async_engine, name, [5, 6, 7],
+            await _collect(async_engine, [5, 6, 7],
                            SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
             order.append(name)
 
@@ -63,22 +63,22 @@ def test_a_late_short_request_does_not_wait_for_a_long_one(async_engine):
 
 
 def test_leaving_the_stream_aborts_and_frees_the_cache(async_engine):
-    allocator = async_engine.engine.kv_cache.allocator
-
     async def main():
-        stream = async_engine.generate("gone", [5, 6, 7], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        stream = async_engine.generate([5, 6, 7], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
         async for _ in stream:
             break
         await stream.aclose()
+        await async_engine.wait_for_merges()  # any command: the abort before it has run
 
     asyncio.run(main())
-    assert async_engine.call(lambda: allocator.num_free).result() == allocator.num_blocks
-    assert not async_engine.call(async_engine.engine.has_unfinished).result()
+    snapshot = async_engine.snapshot
+    assert snapshot.kv_free_blocks == snapshot.kv_blocks
+    assert snapshot.running == snapshot.waiting == 0
 
 
 def test_refusal_reaches_the_caller(async_engine):
     async def main():
-        await _collect(async_engine, "x", [5], SamplingParams(max_tokens=2), "missing")
+        await _collect(async_engine, [5], SamplingParams(max_tokens=2), "missing")
 
     with pytest.raises(UnknownAdapterError):
         asyncio.run(main())
@@ -96,13 +96,13 @@ def test_only_the_engine_thread_asks_for_parallel_torch_work(llama_dir):
     runner = AsyncEngine(make_engine(llama_dir), threads=2)
     runner.start()
     try:
-        assert runner.call(torch.get_num_threads).result(timeout=30) == 2
+        assert runner._call(torch.get_num_threads).result(timeout=30) == 2
         assert torch.get_num_threads() == 1  # conftest keeps the test thread at one
         seen = []
         worker = threading.Thread(target=lambda: (use_one_thread(), seen.append(torch.get_num_threads())))
         worker.start()
         worker.join()
         assert seen == [1]
-        assert runner.call(torch.get_num_threads).result(timeout=30) == 2, "the worker must not change the engine's"
+        assert runner._call(torch.get_num_threads).result(timeout=30) == 2, "the worker must not change the engine's"
     finally:
         runner.stop()

@@ -51,9 +51,9 @@ def build_state(settings: Settings, threads: int | None = None) -> AppState:
     for pair in settings.lora:
         name, _, path = pair.partition("=")
         registry.register_directory(name, Path(path), source="cli")
-    metrics = Metrics()
-    metrics.watch_engine(engine)
     runner = AsyncEngine(engine, threads)
+    metrics = Metrics()
+    metrics.watch_engine(runner)
     base_name = settings.served_model_name or Path(settings.model).resolve().name
     # Experiments keep their tables in the catalogue's database, through the catalogue's own engine.
     store = ExperimentStore(registry.catalogue.engine)

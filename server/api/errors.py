@@ -27,7 +27,8 @@ class ApiError(Exception):
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
-          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
+          422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+          503: "service_unavailable_error"}
 
 # Domain error -> (status, code). Subclasses match their closest listed ancestor.
 _DOMAIN: list[tuple[type[Exception], int, str]] = [
@@ -46,6 +47,7 @@ _DOMAIN: list[tuple[type[Exception], int, str]] = [
     (registry_errors.NameConflictError, 409, "name_conflict"),
     (registry_errors.PathNotAllowedError, 403, "path_not_allowed"),
     (errors.RequestTooLargeError, 400, "context_length_exceeded"),
+    (errors.InvalidRequestError, 400, "invalid_request"),
     (errors.CapacityError, 503, "server_busy"),
     (experiment_errors.ExperimentNotFoundError, 404, "experiment_not_found"),
     (experiment_errors.InvalidExperimentError, 400, "invalid_experiment"),
@@ -101,10 +103,6 @@ def install_error_handlers(app: FastAPI) -> None:
             headers = {"Retry-After": str(exc.retry_after)}
         return _counted(request, error_response(status, str(exc), code=code, headers=headers))
 
-    @app.exception_handler(ValueError)
-    async def _value_error(request: Request, exc: ValueError):
-        return _counted(request, error_response(400, str(exc), code="invalid_value"))
-
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
@@ -118,5 +116,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error")
-        return _counted(request, error_response(500, "internal server error", code="internal_error"))
+        # A bug, not the client's mistake: the traceback goes to the log under the request id, which the
+        # answer names so an operator can find it.
+        request_id = getattr(request.state, "request_id", None)
+        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+        return _counted(request, error_response(
+            500, f"internal server error (request id {request_id}); the server log has the details",
+            code="internal_error"))

@@ -39,29 +39,27 @@ class InferenceService:
         self.metrics = metrics
         self.experiments = experiments
 
-    async def run(self, request_id: str, prompts: list[str | list[int]], params: SamplingParams, n: int,
+    async def run(self, prompts: list[str | list[int]], params: SamplingParams, n: int,
                   target: Target, endpoint: str, tenant: str | None = None) -> AsyncIterator[ChoiceOutput]:
         """Submit every choice (refusals raise here, before any output), then stream their outputs."""
         try:
-            streams = await self._submit_all(request_id, prompts, params, n, target, tenant)
+            streams = await self._submit_all(prompts, params, n, target, tenant)
         except Exception as exc:
             if target.experiment is not None:
                 self.experiments.record_outcome(target.experiment, refusal(exc))
             raise
         return self._merged(streams, target, endpoint)
 
-    async def _submit_all(self, request_id: str, prompts: list[str | list[int]], params: SamplingParams, n: int,
+    async def _submit_all(self, prompts: list[str | list[int]], params: SamplingParams, n: int,
                           target: Target, tenant: str | None) -> list[RequestStream]:
         streams: list[RequestStream] = []
         try:
-            for p_index, prompt in enumerate(prompts):
+            for prompt in prompts:
                 for i in range(n):
                     choice_params = params
                     if params.seed is not None and n > 1:  # distinct but reproducible choices
                         choice_params = replace(params, seed=params.seed + i)
-                    index = p_index * n + i
-                    streams.append(await self.engine.submit(f"{request_id}-{index}", prompt, choice_params,
-                                                            target.adapter, tenant))
+                    streams.append(await self.engine.submit(prompt, choice_params, target.adapter, tenant))
         except BaseException:
             for stream in streams:
                 stream.close()

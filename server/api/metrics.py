@@ -4,7 +4,7 @@ engine gauges on scrape."""
 from prometheus_client import CollectorRegistry, Counter, Histogram, Summary
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from server.engine.engine import LLMEngine
+from server.engine.async_engine import AsyncEngine
 from server.experiments.model import Assignment, Outcome
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -32,7 +32,7 @@ class Metrics:
                                        ["tier"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.experiments = ExperimentMetrics(self.registry)
 
-    def watch_engine(self, engine: LLMEngine) -> None:
+    def watch_engine(self, engine: AsyncEngine) -> None:
         self.registry.register(_EngineCollector(engine))
 
 
@@ -65,41 +65,41 @@ class ExperimentMetrics:
 
 
 class _EngineCollector:
-    """Reads the engine's state at scrape time (plain reads of counters; approximate by design)."""
+    """The engine's state at scrape time, read from its latest published snapshot (never the engine)."""
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: AsyncEngine):
         self._engine = engine
 
     def collect(self):
-        engine = self._engine
-        scheduler, slots = engine.scheduler, engine.slots
-        yield _gauge("loraserve_queue_depth", "Requests waiting for admission.", len(scheduler.waiting))
-        yield _gauge("loraserve_running_batch_size", "Sequences in the running batch.", len(scheduler.running))
-        yield _gauge("loraserve_kv_cache_usage_ratio", "Share of KV-cache blocks in use.", engine.kv_cache.allocator.usage)
-        yield _gauge("loraserve_device_adapters", "Adapters resident in device slots.", len(slots.resident))
-        merges = engine.merges
-        yield _gauge("loraserve_merged_adapters", "Adapters with a merged copy.", len(merges.merged))
-        yield _gauge("loraserve_merged_bytes", "Bytes held by merged copies.", merges.used_bytes)
-        yield _counter("loraserve_merge_promotions", "Merged copies installed.", merges.promotions)
-        yield _counter("loraserve_merge_demotions", "Merged copies dropped.", merges.demotions)
+        snap = self._engine.snapshot
+        yield _gauge("loraserve_queue_depth", "Requests waiting for admission.", snap.waiting)
+        yield _gauge("loraserve_running_batch_size", "Sequences in the running batch.", snap.running)
+        yield _gauge("loraserve_kv_cache_usage_ratio", "Share of KV-cache blocks in use.", snap.kv_usage)
+        yield _gauge("loraserve_device_adapters", "Adapters resident in device slots.", len(snap.device_adapters))
+        yield _gauge("loraserve_merged_adapters", "Adapters with a merged copy.", len(snap.merged))
+        yield _gauge("loraserve_merged_bytes", "Bytes held by merged copies.", snap.merged_bytes)
+        yield _gauge("loraserve_retiring_adapters", "Deleted adapters still used by running requests.",
+                     len(snap.retiring))
+        yield _counter("loraserve_merge_promotions", "Merged copies installed.", snap.merge_promotions)
+        yield _counter("loraserve_merge_demotions", "Merged copies dropped.", snap.merge_demotions)
+        yield _counter("loraserve_merge_failures", "Merged copies whose build failed.", snap.merge_failures)
         shares = GaugeMetricFamily("loraserve_adapter_traffic_share", "Decayed share of recent tokens.",
                                    labels=["adapter"])
-        for name, share in merges.traffic.shares.items():
+        for name, share in snap.traffic_shares.items():
             shares.add_metric([name], share)
         yield shares
-        yield _counter("loraserve_device_adapter_loads", "Adapter loads into device slots.", slots.loads)
-        yield _counter("loraserve_device_adapter_evictions", "Adapters evicted from device slots.", slots.evictions)
-        yield _counter("loraserve_device_adapter_moves", "Residents moved to keep slots sorted by rank.", slots.moves)
+        yield _counter("loraserve_device_adapter_loads", "Adapter loads into device slots.", snap.slot_loads)
+        yield _counter("loraserve_device_adapter_evictions", "Adapters evicted from device slots.", snap.slot_evictions)
+        yield _counter("loraserve_device_adapter_moves", "Residents moved to keep slots sorted by rank.", snap.slot_moves)
         yield _counter("loraserve_device_adapter_load_seconds", "Time spent loading adapters into slots.",
-                       slots.load_seconds)
-        yield _counter("loraserve_preemptions", "Sequences preempted for lack of KV cache.", scheduler.preemptions)
-        yield _counter("loraserve_engine_steps", "Forward passes run.", engine.steps)
+                       snap.slot_load_seconds)
+        yield _counter("loraserve_preemptions", "Sequences preempted for lack of KV cache.", snap.preemptions)
+        yield _counter("loraserve_engine_steps", "Forward passes run.", snap.steps)
         yield _counter("loraserve_engine_step_seconds", "Time spent in engine steps (schedule, forward, sample).",
-                       engine.step_seconds)
-        yield _counter("loraserve_merged_steps", "Forward passes run entirely on merged weights.",
-                       engine.runner.merged_steps)
+                       snap.step_seconds)
+        yield _counter("loraserve_merged_steps", "Forward passes run entirely on merged weights.", snap.merged_steps)
         yield _counter("loraserve_mixed_merged_steps", "Forward passes on a merged copy with other adapters.",
-                       engine.runner.mixed_merged_steps)
+                       snap.mixed_merged_steps)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

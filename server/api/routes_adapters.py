@@ -34,12 +34,7 @@ class UnloadLoraBody(BaseModel):
 
 
 def _residency(state: AppState, key: str) -> str:
-    engine = state.engine.engine
-    if key in engine.merges.merged:
-        return "merged"
-    if engine.slots.slot_of(key) is not None:
-        return "device"
-    return state.registry.tier_of(key)
+    return state.engine.snapshot.residency(key) or state.registry.tier_of(key)
 
 
 def _version_json(state: AppState, record: AdapterRecord) -> dict:
@@ -68,12 +63,12 @@ def _version_json(state: AppState, record: AdapterRecord) -> dict:
 
 def _merge_json(state: AppState, key: str) -> dict:
     """Merged-copy state: pinned or not, the traffic share the policy sees, and its recent decisions."""
-    merges = state.engine.engine.merges
+    snapshot = state.engine.snapshot
     return {
-        "merged": key in merges.merged,
-        "pinned": key in merges.pinned,
-        "traffic_share": round(merges.traffic.share(key), 4),
-        "events": [{"action": e.action, "reason": e.reason, "at": int(e.at)} for e in merges.events if e.adapter == key],
+        "merged": key in snapshot.merged,
+        "pinned": key in snapshot.pinned,
+        "traffic_share": round(snapshot.traffic_shares.get(key, 0.0), 4),
+        "events": [{"action": e.action, "reason": e.reason, "at": int(e.at)} for e in snapshot.events_of(key)],
     }
 
 
@@ -173,11 +168,7 @@ async def delete_adapter(request: Request, ref: str) -> dict:
     state.access.change_model(caller(request), ref)
     deleted = state.registry.delete(parsed.name, parsed.version)
     audit(request, "adapter.delete", ref, deleted=[r.key for r in deleted])
-    draining = []
-    for record in deleted:
-        removed = await state.engine.run(lambda key=record.key: state.engine.engine.remove_adapter(key))
-        if not removed:
-            draining.append(record.key)
+    draining = [record.key for record in deleted if not await state.engine.retire(record.key)]
     return {"deleted": [r.key for r in deleted], "draining": draining}
 
 
@@ -186,15 +177,7 @@ async def warm_adapter(request: Request, ref: str) -> dict:
     """Load an adapter into host memory and a device slot now, so its first request pays nothing."""
     state = app_state(request)
     target = await _resolve_adapter(request, state, ref)
-    slots = state.engine.engine.slots
-
-    def place() -> bool:
-        if slots.acquire(target.adapter) is None:
-            return False
-        slots.release(target.adapter.name)
-        return True
-
-    if not await state.engine.run(place):
+    if not await state.engine.warm(target.adapter):
         raise ApiError(503, "every device slot is in use by running requests", code="server_busy",
                        headers={"Retry-After": "1"})
     return {"id": target.label, "resident": _residency(state, target.label)}
@@ -206,7 +189,7 @@ async def cool_adapter(request: Request, ref: str) -> dict:
     state = app_state(request)
     state.access.change_model(caller(request), ref)
     record = state.registry.resolve(ref)
-    await state.engine.run(lambda: state.engine.engine.remove_adapter(record.key))
+    await state.engine.cool(record.key)
     state.registry.cache.evict(record.key)
     return {"id": record.key, "resident": _residency(state, record.key)}
 
@@ -217,7 +200,7 @@ async def pin_merged(request: Request, ref: str) -> dict:
     state = app_state(request)
     state.access.change_model(caller(request), ref)
     target = await _resolve_adapter(request, state, ref)
-    await state.engine.run(lambda: state.engine.engine.pin_merged(target.adapter))
+    await state.engine.pin_merged(target.adapter)
     audit(request, "adapter.merge_pin", target.label)
     return {"id": target.label, "merge": _merge_json(state, target.label)}
 
@@ -228,7 +211,7 @@ async def unpin_merged(request: Request, ref: str) -> dict:
     state = app_state(request)
     state.access.change_model(caller(request), ref)
     record = state.registry.resolve(ref)
-    await state.engine.run(lambda: state.engine.engine.unpin_merged(record.key))
+    await state.engine.unpin_merged(record.key)
     audit(request, "adapter.merge_unpin", record.key)
     return {"id": record.key, "merge": _merge_json(state, record.key)}
 
@@ -284,5 +267,5 @@ async def vllm_unload_lora_adapter(request: Request, body: UnloadLoraBody) -> st
     deleted = state.registry.delete(body.lora_name, None)
     audit(request, "adapter.delete", body.lora_name, deleted=[r.key for r in deleted])
     for record in deleted:
-        await state.engine.run(lambda key=record.key: state.engine.engine.remove_adapter(key))
+        await state.engine.retire(record.key)
     return f"Success: LoRA adapter '{body.lora_name}' removed successfully."

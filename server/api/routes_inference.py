@@ -88,7 +88,7 @@ def _usage(choices: list[_Choice], n: int) -> dict:
     return fmt.usage(prompt, sum(c.completion_tokens for c in choices))
 
 
-async def _run(request: Request, state: AppState, body, response_id: str, prompts: list, params: SamplingParams,
+async def _run(request: Request, state: AppState, body, prompts: list, params: SamplingParams,
                endpoint: str, tokens: int,
                to_chunks: Callable[[AsyncIterator[ChoiceOutput]], AsyncIterator[str]]):
     """Admit against the tenant's limits, resolve `model`, run every choice: a streamed request gets its
@@ -102,8 +102,7 @@ async def _run(request: Request, state: AppState, body, response_id: str, prompt
     try:
         target = await state.models.resolve(body.model, _caller(request, body.user), caller(request))
         request.state.metrics_label = target.label
-        outputs = await state.inference.run(response_id, prompts, params, body.n, target, endpoint,
-                                            caller(request).tenant)
+        outputs = await state.inference.run(prompts, params, body.n, target, endpoint, caller(request).tenant)
         if body.stream:
             streaming = _streaming(to_chunks(outputs), release, _variant_header(target))
             return streaming, target
@@ -128,7 +127,7 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
     prompts = body.prompts()
     response_id = f"cmpl-{request.state.request_id}"
     choices, target = await _run(
-        request, state, body, response_id, prompts, params, "completions", body.max_tokens * body.n * len(prompts),
+        request, state, body, prompts, params, "completions", body.max_tokens * body.n * len(prompts),
         lambda outputs: _completion_chunks(state, outputs, response_id, body, len(prompts) * body.n))
     if isinstance(choices, StreamingResponse):
         return choices
@@ -166,7 +165,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
     params = _sampling(body, max_tokens, top)
     prompt = chat_prompt(state.tokenizer, body.messages)
     response_id = f"chatcmpl-{request.state.request_id}"
-    choices, target = await _run(request, state, body, response_id, [prompt], params, "chat", max_tokens * body.n,
+    choices, target = await _run(request, state, body, [prompt], params, "chat", max_tokens * body.n,
                                  lambda outputs: _chat_chunks(state, outputs, response_id, body))
     if isinstance(choices, StreamingResponse):
         return choices

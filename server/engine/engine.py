@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -27,7 +28,8 @@ from server.engine.runner import ModelRunner
 from server.engine.sampler import TokenLogprobs, sample, token_logprobs
 from server.engine.scheduler import Scheduler, SchedulerLimits
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
-from server.errors import CapacityError, RequestTooLargeError, UnknownAdapterError
+from server.engine.snapshot import EngineSnapshot
+from server.errors import CapacityError, InvalidRequestError, RequestTooLargeError, UnknownAdapterError
 from server.lora.adapter import LoraAdapter, load_lora_adapter
 from server.lora.cpu_kernel import load_cpu_kernel
 from server.lora.layer import LoraBatch, wrap_target_modules
@@ -93,6 +95,7 @@ class LLMEngine:
         )
         self.runner = ModelRunner(model, self.kv_cache, self.slots, lora_batch, self.merges.merged, self.device)
         self.adapters: dict[str, LoraAdapter] = {}
+        self.retiring: set[str] = set()  # deleted adapters still used by running requests
         self._requests: dict[str, _Tracked] = {}
         self._eos_ids = _eos_token_ids(model, tokenizer)
         self.tokens_generated = 0
@@ -128,6 +131,23 @@ class LLMEngine:
         self.slots.evict(name)
         self.merges.forget(name)
         self.adapters.pop(name, None)
+        self.retiring.discard(name)
+        return True
+
+    def retire_adapter(self, name: str) -> bool:
+        """The adapter was deleted: refuse new requests for it and free its slot and merged copy once its
+        last running request ends (now, if none runs). True if it is gone already, False if it drains."""
+        if self.remove_adapter(name):
+            return True
+        self.retiring.add(name)
+        self.merges.forget(name)  # its budget is free now; its running requests go through the LoRA path
+        return False
+
+    def warm_adapter(self, adapter: LoraAdapter) -> bool:
+        """Load an adapter into a device slot now; False if every slot is held by running requests."""
+        if self.slots.acquire(adapter) is None:
+            return False
+        self.slots.release(adapter.name)
         return True
 
     def pin_merged(self, adapter: str | LoraAdapter) -> None:
@@ -150,6 +170,8 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already running")
         lora = self._adapter(adapter) if isinstance(adapter, str) else adapter
+        if lora is not None and lora.name in self.retiring:
+            raise UnknownAdapterError(f"adapter {lora.name!r} was deleted")
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_fits(prompt_ids, params)
         if len(self.scheduler.waiting) >= self.settings.max_queue:
@@ -163,6 +185,7 @@ class LLMEngine:
         if tracked is None:
             return None
         self.scheduler.finish(tracked.seq, FinishReason.ABORT)
+        self._finish_retirements()
         return self._output(tracked, [], "", [])
 
     def abort_all(self) -> list[RequestOutput]:
@@ -186,6 +209,7 @@ class LLMEngine:
             outputs.append(self._postprocess(self._requests[seq.request_id], token, logprobs))
         self.tokens_generated += len(seqs)
         self._observe_traffic(seqs)
+        self._finish_retirements()
         self.steps += 1
         self.step_seconds += time.perf_counter() - started
         return outputs
@@ -209,7 +233,29 @@ class LLMEngine:
                     done[out.request_id] = out
         return [Completion(tokens[i], texts[i], done[i].finish_reason, done[i].prompt_tokens) for i in ids]
 
+    def snapshot(self) -> EngineSnapshot:
+        """A frozen copy of the state that other threads may see (see server/engine/snapshot.py)."""
+        merges, slots, allocator = self.merges, self.slots, self.kv_cache.allocator
+        return EngineSnapshot(
+            waiting=len(self.scheduler.waiting), running=len(self.scheduler.running),
+            kv_blocks=allocator.num_blocks, kv_free_blocks=allocator.num_free,
+            device_adapters=frozenset(slots.resident), merged=frozenset(merges.merged),
+            merged_bytes=merges.used_bytes, merge_pending=merges.pending, pinned=frozenset(merges.pinned),
+            retiring=frozenset(self.retiring), traffic_shares=MappingProxyType(merges.traffic.shares),
+            merge_events=tuple(merges.events),
+            slot_loads=slots.loads, slot_evictions=slots.evictions, slot_moves=slots.moves,
+            slot_load_seconds=slots.load_seconds, merge_promotions=merges.promotions,
+            merge_demotions=merges.demotions, merge_failures=merges.failures,
+            preemptions=self.scheduler.preemptions, steps=self.steps, step_seconds=self.step_seconds,
+            tokens_generated=self.tokens_generated, merged_steps=self.runner.merged_steps,
+            mixed_merged_steps=self.runner.mixed_merged_steps,
+        )
+
     # ---- internals ------------------------------------------------------------------------------
+
+    def _finish_retirements(self) -> None:
+        for name in [n for n in self.retiring if not self.adapter_in_use(n)]:
+            self.remove_adapter(name)
 
     def _adapter(self, name: str) -> LoraAdapter:
         try:
@@ -219,7 +265,7 @@ class LLMEngine:
 
     def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequestError("the prompt is empty")
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_context:
             raise RequestTooLargeError(
@@ -236,7 +282,7 @@ class LLMEngine:
         adapters = {}
         for seq in seqs:
             tokens[seq.adapter_name] = tokens.get(seq.adapter_name, 0) + 1
-            if seq.adapter is not None:
+            if seq.adapter is not None and seq.adapter.name not in self.retiring:  # never merge a deleted one
                 adapters[seq.adapter.name] = seq.adapter
         self.merges.observe(tokens, adapters)
 

@@ -5,20 +5,25 @@ An adapter is promoted when its share reaches `promote_share` and demoted when i
 `demote_share` (lower): the gap is hysteresis, so a fluctuating workload does not thrash. Merged
 copies live within a byte budget; a promotion that does not fit displaces copies of adapters with a
 smaller share, never a pinned one. Copies are built on a worker thread, so the serving loop never
-waits for one; the engine installs finished copies between steps.
+waits for one; the engine installs finished copies between steps. A build that fails (a merged weight
+that overflows to inf, say) is logged and recorded as a "failed" event; serving goes on unmerged.
 """
 
+import logging
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
 
+from server.engine.snapshot import MergeEvent
 from server.engine.torch_threads import use_one_thread
 from server.lora.adapter import LoraAdapter
 from server.lora.merge import merge_adapter, merged_nbytes
 from server.lora.targets import TargetModule
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,14 +37,6 @@ class MergePolicy:
     @property
     def enabled(self) -> bool:
         return self.budget_bytes > 0
-
-
-@dataclass(frozen=True)
-class MergeEvent:
-    adapter: str
-    action: str  # "promote" | "demote"
-    reason: str
-    at: float  # unix time
 
 
 class TrafficShares:
@@ -78,18 +75,21 @@ class MergeManager:
         self.policy = policy
         self.traffic = TrafficShares(policy.half_life_tokens)
         self.merged: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> module -> merged weight
+        self._sizes: dict[str, int] = {}  # adapter -> bytes of its copy (read after every step)
         self.pinned: set[str] = set()
         self.events: deque[MergeEvent] = deque(maxlen=256)
         self.promotions = 0
         self.demotions = 0
+        self.failures = 0
         self._targets = targets
         self._pending: dict[str, tuple[Future, str]] = {}
+        self._failed: set[str] = set()  # adapters are immutable: a build that failed would fail again
         self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraserve-merge",
                                            initializer=use_one_thread)  # the engine's cores stay its own
 
     @property
     def used_bytes(self) -> int:
-        return sum(merged_nbytes(w) for w in self.merged.values())
+        return sum(self._sizes.values())
 
     def observe(self, tokens_by_adapter: dict[str | None, int], adapters: dict[str, LoraAdapter]) -> None:
         """After each step: update traffic, install finished copies, start or drop copies per the policy."""
@@ -115,6 +115,7 @@ class MergeManager:
 
     def demote(self, name: str, reason: str) -> None:
         if self.merged.pop(name, None) is not None:
+            del self._sizes[name]
             self.demotions += 1
             self.events.append(MergeEvent(name, "demote", reason, time.time()))
 
@@ -122,16 +123,21 @@ class MergeManager:
         """The adapter is gone (deleted): drop its copy, pin and pending build."""
         self.pinned.discard(name)
         self._pending.pop(name, None)
+        self._failed.discard(name)
         self.demote(name, "adapter removed")
 
     def wait_for_builds(self) -> None:
         """Block until queued copies are built and installed (tests, benchmarks, warm-up)."""
-        for future, _ in list(self._pending.values()):
-            future.result()
+        wait([future for future, _ in self._pending.values()])
         self._install_finished()
 
+    @property
+    def pending(self) -> frozenset[str]:
+        return frozenset(self._pending)
+
     def _has(self, name: str) -> bool:
-        return name in self.merged or name in self._pending
+        """A copy exists, is being built, or cannot be built: nothing to start."""
+        return name in self.merged or name in self._pending or name in self._failed
 
     def _start(self, adapter: LoraAdapter, reason: str) -> None:
         self._pending[adapter.name] = (self._builder.submit(merge_adapter, adapter, self._targets), reason)
@@ -141,11 +147,22 @@ class MergeManager:
             if not future.done():
                 continue
             del self._pending[name]
+            if future.exception() is not None:
+                self._record_failure(name, future.exception())
+                continue
             weights = future.result()
-            if self._make_room(name, merged_nbytes(weights)):
+            size = merged_nbytes(weights)
+            if self._make_room(name, size):
                 self.merged[name] = weights
+                self._sizes[name] = size
                 self.promotions += 1
                 self.events.append(MergeEvent(name, "promote", reason, time.time()))
+
+    def _record_failure(self, name: str, error: BaseException) -> None:
+        log.error("merged copy of %s not built: %s", name, error, exc_info=error)
+        self.failures += 1
+        self._failed.add(name)
+        self.events.append(MergeEvent(name, "failed", str(error), time.time()))
 
     def _make_room(self, name: str, size: int) -> bool:
         """Free budget for `size` bytes by demoting copies with a smaller share; False if impossible."""
