@@ -14,7 +14,12 @@ class AdapterValidationError(LoraserveError):
 
 
 class InvalidRequestError(LoraserveError):
-    """A request the engine can never serve as asked (an empty prompt, ...): the client's mistake."""
+    """A request that can never be served as asked (an empty prompt, a token id outside the vocabulary):
+    the client's mistake. `param` names the request field at fault."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class UnknownAdapterError(LoraserveError):
@@ -27,3 +32,8 @@ class CapacityError(LoraserveError):
 
 class RequestTooLargeError(LoraserveError):
     """A request that can never fit (prompt plus max_tokens beyond the context or the KV cache)."""
+
+
+class InferenceFailedError(LoraserveError):
+    """The engine failed this one request (its forward pass raised, or its logits were not finite);
+    the other requests of the batch were served."""

@@ -157,3 +157,30 @@ def test_adapter_for_another_base(tmp_path, targets):
     other = make_adapter(other_base, tmp_path / "other_adapter", seed=1, r=4, lora_alpha=8)
     message = _refusal(other, targets)
     assert "shape (4, 32), expected (4, 64)" in message
+
+
+# ---- numbers and patterns from a tenant's config --------------------------------------------------
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"lora_alpha": float("inf")}, "lora_alpha: Input should be a finite number"),
+    ({"lora_alpha": float("nan")}, "lora_alpha: Input should be a finite number"),
+    ({"alpha_pattern": {"q_proj": float("-inf")}}, "alpha_pattern.q_proj: Input should be a finite number"),
+    ({"lora_alpha": 1e300}, "is not finite in the serving dtype"),
+    ({"target_modules": "("}, "target_modules: not a valid regular expression"),
+    ({"rank_pattern": {"(": 4}}, "rank_pattern.(: not a valid regular expression"),
+    ({"exclude_modules": "[z-a]"}, "exclude_modules: not a valid regular expression"),
+    ({"target_modules": r"(?=.*0\.self_attn\.q_proj$).{6}(?:.+)+X"}, "lookaround and backreferences"),
+    ({"target_modules": "q" * 2000}, "longer than 1024 characters"),
+], ids=["alpha-inf", "alpha-nan", "alpha-pattern-inf", "alpha-overflows", "bad-regex", "bad-rank-key",
+        "bad-exclude", "lookahead", "too-long"])
+def test_config_numbers_and_patterns_are_checked(adapter_copy, targets, changes, expected):
+    _edit_config(adapter_copy, **changes)
+    assert expected in _refusal(adapter_copy, targets)
+
+
+@pytest.mark.timeout(60)  # under a backtracking engine this test would run for hours
+def test_a_backtracking_pattern_matches_in_linear_time(adapter_copy, targets):
+    """`(?:.+)+X`-style patterns take time exponential in the module name's length under Python's `re`;
+    under RE2 the config is refused like any other that selects nothing it ships weights for."""
+    _edit_config(adapter_copy, target_modules=r"(?:.+)+(?:.+)+(?:.+)+(?:.+)+X")
+    assert "is not selected by target_modules" in _refusal(adapter_copy, targets)

@@ -5,8 +5,8 @@ import random
 import pytest
 
 from server.engine.sequence import SamplingParams
-from server.errors import CapacityError, RequestTooLargeError, UnknownAdapterError
-from tests.factories import make_engine
+from server.errors import CapacityError, InvalidRequestError, RequestTooLargeError, UnknownAdapterError
+from tests.factories import VOCAB, make_engine
 
 ADAPTERS = {f"mix{i}": dict(seed=100 + i, r=[4, 8, 16][i % 3], lora_alpha=[8, 16, 8][i % 3],
                             target_modules=[["q_proj", "v_proj"], ["k_proj", "o_proj", "up_proj"],
@@ -124,8 +124,12 @@ def test_refusals(llama_dir, adapter_dirs):
         engine.add_request("u", [5], params, "no-such-adapter")
     with pytest.raises(RequestTooLargeError, match="context length 256"):
         engine.add_request("big", [5] * 250, SamplingParams(max_tokens=10))
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(InvalidRequestError, match="empty"):
         engine.add_request("empty", [], params)
+    for outside in ([VOCAB], [-1], [2**63]):
+        with pytest.raises(InvalidRequestError, match="outside the vocabulary") as refused:
+            engine.add_request("oov", [5, *outside], params)
+        assert refused.value.param == "prompt"
     engine.add_request("q1", [5], params)
     engine.add_request("q2", [5], params)
     with pytest.raises(CapacityError):

@@ -49,6 +49,7 @@ _DOMAIN: list[tuple[type[Exception], int, str]] = [
     (errors.RequestTooLargeError, 400, "context_length_exceeded"),
     (errors.InvalidRequestError, 400, "invalid_request"),
     (errors.CapacityError, 503, "server_busy"),
+    (errors.InferenceFailedError, 500, "inference_failed"),
     (experiment_errors.ExperimentNotFoundError, 404, "experiment_not_found"),
     (experiment_errors.InvalidExperimentError, 400, "invalid_experiment"),
     (experiment_errors.ExperimentNameConflictError, 409, "name_conflict"),
@@ -64,10 +65,13 @@ RETRY_AFTER_SECONDS = "1"
 _HEADERS = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": RETRY_AFTER_SECONDS}}
 
 
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 def domain_error_status(exc: Exception) -> tuple[int, str] | None:
@@ -101,7 +105,7 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = _HEADERS.get(status)
         if isinstance(exc, tenancy_errors.RateLimitedError):
             headers = {"Retry-After": str(exc.retry_after)}
-        return _counted(request, error_response(status, str(exc), code=code, headers=headers))
+        return _counted(request, error_response(status, str(exc), getattr(exc, "param", None), code, headers))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

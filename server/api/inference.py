@@ -14,6 +14,7 @@ from server.engine.engine import RequestOutput
 from server.engine.sequence import FinishReason, SamplingParams
 from server.experiments.model import Assignment, Outcome
 from server.experiments.service import ExperimentService
+from server.errors import InferenceFailedError
 from server.lora.adapter import LoraAdapter
 
 
@@ -88,6 +89,8 @@ class InferenceService:
                 last[item.index] = item.output
                 if item.output.finished:
                     self._record_finish(item.output, target.label, endpoint)
+                if item.output.error is not None:
+                    raise InferenceFailedError(item.output.error)
                 yield item
         finally:
             for task in tasks:

@@ -10,12 +10,13 @@ from starlette.background import BackgroundTask
 from server.api import openai_format as fmt
 from server.api.chat import chat_prompt
 from server.api.auth import caller
-from server.api.errors import ApiError
+from server.api.errors import ApiError, domain_error_status, error_body
 from server.api.inference import ChoiceOutput, Target
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelList
 from server.api.state import AppState, app_state
 from server.engine.sampler import TokenLogprobs
 from server.engine.sequence import SamplingParams
+from server.errors import InferenceFailedError
 from server.experiments.model import Caller
 
 router = APIRouter(tags=["inference"])
@@ -69,9 +70,15 @@ def _admit(request: Request, state: AppState, tokens: int) -> Callable[[], None]
 
 
 async def _released(chunks: AsyncIterator[str], release: Callable[[], None]) -> AsyncIterator[str]:
+    """The stream's chunks; a request the engine failed mid-stream ends with an error event (the status
+    line went out with the first chunk) and [DONE]."""
     try:
         async for chunk in chunks:
             yield chunk
+    except InferenceFailedError as exc:
+        status, code = domain_error_status(exc)
+        yield fmt.sse(error_body(status, str(exc), code=code))
+        yield fmt.sse("[DONE]")
     finally:
         release()
 

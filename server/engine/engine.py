@@ -5,7 +5,7 @@ Not thread-safe on purpose: exactly one thread drives it (AsyncEngine's loop, or
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -26,7 +26,7 @@ from server.engine.model_loader import (
 )
 from server.engine.runner import ModelRunner
 from server.engine.sampler import TokenLogprobs, sample, token_logprobs
-from server.engine.scheduler import Scheduler, SchedulerLimits
+from server.engine.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
 from server.engine.snapshot import EngineSnapshot
 from server.errors import CapacityError, InvalidRequestError, RequestTooLargeError, UnknownAdapterError
@@ -51,6 +51,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    error: str | None = None  # set when this request alone failed (finish_reason is then "abort")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class LLMEngine:
         self.device = model.device
         self.dtype = model.dtype
         self.max_context = max_context(model)
+        self.vocab_size = model.get_input_embeddings().num_embeddings  # token ids a prompt may hold
         self.targets = find_target_modules(model)
         self.slots = LoraSlotPool(self.targets, settings.max_loras, settings.max_lora_rank, self.dtype, self.device)
         lora_batch = LoraBatch()
@@ -195,20 +197,29 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Run one forward pass over everything scheduled; return what each request gained."""
+        """Run one forward pass over everything scheduled; return what each request gained.
+
+        A request that makes the step fail (its forward pass raises, or its logits are not finite) is
+        failed alone, with an error in its output; the others in the step go on as if it had not been
+        there. Only a failure no single request explains propagates."""
         started = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
-        seqs, logits = self.runner.run(batch)
-        next_tokens = sample(logits, seqs)
-        outputs = []
-        for i, (seq, token) in enumerate(zip(seqs, next_tokens)):
+        seqs, logits, outputs = self._forward(batch)
+        if logits is None:
+            return outputs
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        served = [seq for seq, ok in zip(seqs, finite) if ok]
+        outputs += [self._fail(seq, "the model produced non-finite logits for this request")
+                    for seq, ok in zip(seqs, finite) if not ok]
+        logits = logits[torch.tensor(finite, device=logits.device)] if len(served) < len(seqs) else logits
+        for i, (seq, token) in enumerate(zip(served, sample(logits, served))):
             seq.output_ids.append(token)
             logprobs = [token_logprobs(logits[i], token, seq.params.logprobs)] if seq.params.logprobs is not None else []
             outputs.append(self._postprocess(self._requests[seq.request_id], token, logprobs))
-        self.tokens_generated += len(seqs)
-        self._observe_traffic(seqs)
+        self.tokens_generated += len(served)
+        self._observe_traffic(served)
         self._finish_retirements()
         self.steps += 1
         self.step_seconds += time.perf_counter() - started
@@ -253,6 +264,43 @@ class LLMEngine:
 
     # ---- internals ------------------------------------------------------------------------------
 
+    def _forward(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None, list[RequestOutput]]:
+        """runner.run(batch); when it raises, each sequence is tried alone, those that fail alone are
+        failed (their outputs returned) and the rest runs. A forward that raises leaves no trace in a
+        sequence (its computed count moves only on success); a trial that succeeds is undone by resetting
+        that count, and its cache rows are written again by the real run."""
+        try:
+            return *self.runner.run(batch), []
+        except Exception as error:
+            culprits = {seq: failure for seq in batch.sequences if (failure := self._fails_alone(seq)) is not None}
+            if not culprits:
+                raise  # no single request explains it: the caller's last resort applies
+            log.error("a step failed; failing the %d request(s) that fail alone", len(culprits), exc_info=error)
+        outputs = [self._fail(seq, f"the forward pass failed for this request ({type(failure).__name__})")
+                   for seq, failure in culprits.items()]
+        remaining = ScheduledBatch([s for s in batch.prefills if s not in culprits],
+                                   [s for s in batch.decodes if s not in culprits])
+        if remaining.is_empty:
+            return [], None, outputs
+        return *self.runner.run(remaining), outputs
+
+    def _fails_alone(self, seq: Sequence) -> Exception | None:
+        computed = seq.num_computed
+        alone = ScheduledBatch([seq], []) if seq.is_prefill else ScheduledBatch([], [seq])
+        try:
+            self.runner.run(alone)
+        except Exception as error:
+            return error
+        finally:
+            seq.num_computed = computed
+        return None
+
+    def _fail(self, seq: Sequence, error: str) -> RequestOutput:
+        """End one request with an error; the rest of the batch is unaffected."""
+        tracked = self._requests.pop(seq.request_id)
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        return replace(self._output(tracked, [], "", []), error=error)
+
     def _finish_retirements(self) -> None:
         for name in [n for n in self.retiring if not self.adapter_in_use(n)]:
             self.remove_adapter(name)
@@ -265,7 +313,11 @@ class LLMEngine:
 
     def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty")
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        outside = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
+        if outside is not None:
+            raise InvalidRequestError(f"token id {outside} is outside the vocabulary [0, {self.vocab_size})",
+                                      param="prompt")
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_context:
             raise RequestTooLargeError(

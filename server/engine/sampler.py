@@ -34,6 +34,7 @@ def _sample_one(logits: torch.Tensor, seq: Sequence) -> int:
         sorted_probs, order = probs.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        drop[0] = False  # even when top_p rounds to 0 in float32
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     generator = seq.generator

@@ -10,6 +10,12 @@ import torch
 from server.lora.adapter import LoraAdapter
 
 
+# Temperatures below this sample as greedy: dividing float32 logits by a denormal (or by a number that
+# rounds to 0 in the compute dtype) gives inf and NaN probabilities.
+SAMPLING_EPS = 1e-5
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -32,6 +38,8 @@ class SamplingParams:
             problems.append("top_p must be in (0, 1]")
         if self.top_k < 0:
             problems.append("top_k must be >= 0")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            problems.append(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             problems.append("logprobs must be in [0, 20]")
         if problems:
@@ -39,7 +47,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
 
 class SequenceStatus(Enum):

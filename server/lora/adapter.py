@@ -85,7 +85,9 @@ def load_lora_adapter(
         module_problems = _check_module(module_name, parts, spec, targets[module_name], max_rank)
         problems += module_problems
         if not module_problems:
-            modules[module_name] = _fold(parts, spec, module_name, targets[module_name], dtype)
+            folded = _fold(parts, spec, module_name, targets[module_name], dtype)
+            problems += _overflow_problems(module_name, folded)
+            modules[module_name] = folded
     if problems:
         raise AdapterValidationError(problems)
     return LoraAdapter(name=name, spec=spec, modules=modules)
@@ -180,6 +182,13 @@ def _check_module(
     if rank > max_rank:
         problems.append(f"{module}: rank {rank} exceeds the server's max_lora_rank {max_rank}")
     return problems
+
+
+def _overflow_problems(module: str, weights: LoraModuleWeights) -> list[str]:
+    """Finite factors can still overflow once scaled (a huge alpha) or cast to the serving dtype."""
+    parts = {"lora_B (scaled)": weights.lora_b, "lora_A": weights.lora_a, "DoRA scale": weights.dora_scale}
+    return [f"{module}: {part} is not finite in the serving dtype (alpha or weights too large)"
+            for part, tensor in parts.items() if tensor is not None and not torch.isfinite(tensor).all()]
 
 
 def _fold(

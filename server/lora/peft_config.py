@@ -1,12 +1,15 @@
 """Reading PEFT's `adapter_config.json`: the fields that change the math, and a refusal of the rest."""
 
 import math
-import re
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.errors import AdapterValidationError
+from server.lora.patterns import PatternError, compile_pattern
+
+# Every number of a config must be finite: JSON from Python may carry Infinity and NaN.
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 # Fields that change what an adapter computes in ways the batched low-rank path does not model.
 # Each must be absent or hold its PEFT default (any value in the tuple) for the adapter to be served.
@@ -32,14 +35,14 @@ class LoraSpec(BaseModel):
 
     peft_type: str = "LORA"
     r: int = Field(8, ge=1)
-    lora_alpha: float = Field(8.0)
+    lora_alpha: FiniteFloat = 8.0
     use_rslora: bool = False
     use_dora: bool = False
     fan_in_fan_out: bool = False
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     rank_pattern: dict[str, int] = Field(default_factory=dict)
-    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    alpha_pattern: dict[str, FiniteFloat] = Field(default_factory=dict)
     base_model_name_or_path: str | None = None
 
     def targets(self, module_name: str) -> bool:
@@ -62,16 +65,34 @@ class LoraSpec(BaseModel):
 
 def _matches(targets: list[str] | str, module_name: str) -> bool:
     if isinstance(targets, str):
-        return re.fullmatch(targets, module_name) is not None
+        return compile_pattern(targets).fullmatch(module_name) is not None
     return module_name in targets or any(module_name.endswith("." + t) for t in targets)
+
+
+def _key_pattern(key: str) -> str:
+    """How PEFT's `get_pattern_key` reads a rank_pattern/alpha_pattern key: a match at the name's end."""
+    return rf"(.*\.)?({key})$"
 
 
 def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
     """PEFT's `get_pattern_key`: the first pattern that matches the end of the name."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if compile_pattern(_key_pattern(key)).match(module_name):
             return key
     return None
+
+
+def _pattern_problems(spec: LoraSpec) -> list[str]:
+    """Every regular expression of the config, compiled now so that matching can never fail later."""
+    patterns = [(f, getattr(spec, f)) for f in ("target_modules", "exclude_modules") if isinstance(getattr(spec, f), str)]
+    patterns += [(f"{f}.{key}", _key_pattern(key)) for f in ("rank_pattern", "alpha_pattern") for key in getattr(spec, f)]
+    problems = []
+    for where, pattern in patterns:
+        try:
+            compile_pattern(pattern)
+        except PatternError as exc:
+            problems.append(f"{where}: {exc}")
+    return problems
 
 
 def parse_lora_spec(raw: Any) -> LoraSpec:
@@ -102,7 +123,7 @@ def parse_lora_spec(raw: Any) -> LoraSpec:
         problems.extend(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         spec = None
     if spec is not None:
-        problems.extend(_rank_problems(spec))
+        problems.extend(_rank_problems(spec) + _pattern_problems(spec))
     if problems:
         raise AdapterValidationError(problems)
     return spec
