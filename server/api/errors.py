@@ -94,6 +94,13 @@ def _counted(request: Request, response: JSONResponse) -> JSONResponse:
     return response
 
 
+def _field_path(loc: tuple) -> str:
+    """`messages.0.content` from pydantic's location, without where it came from (body, query) or the
+    union member it was tried as (`function-after[...]`, `list[int]`)."""
+    return ".".join(str(p) for p in loc
+                    if isinstance(p, int) or (p not in ("body", "query", "path", "header") and p.isidentifier()))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -109,10 +116,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
-        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors())
-        return _counted(request, error_response(400, message, ".".join(loc) or None, "invalid_parameter"))
+        # A field's own check ("Value error, ...") says more than the members of a union it failed.
+        errors = [e for e in exc.errors() if e["type"] == "value_error"] or exc.errors()
+        if errors and errors[0]["type"] == "json_invalid":  # its location is a character offset, not a field
+            return _counted(request, error_response(400, f"the body is not valid JSON: {errors[0]['msg']}",
+                                                    code="invalid_json"))
+        first = _field_path(errors[0]["loc"]) if errors else ""
+        message = "; ".join(f"{_field_path(e['loc'])}: {e['msg']}" for e in errors)
+        return _counted(request, error_response(400, message, first or None, "invalid_parameter"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):

@@ -1,8 +1,25 @@
 """Request and response bodies of the OpenAI-compatible API (the fields loraserve honours)."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from server.engine.sequence import SEED_RANGE
+
+# The longest `model` string that can name anything: a 64-character name, '@' and a version number.
+MAX_MODEL_LENGTH = 96
+
+
+def _utf8(text: str) -> str:
+    """JSON can carry lone surrogates ("\\ud800") that no tokenizer or database accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode text (a lone surrogate at position {exc.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
 
 
 class _Request(BaseModel):
@@ -15,7 +32,7 @@ class StreamOptions(BaseModel):
 
 
 class _SamplingFields(_Request):
-    model: str = Field(min_length=1)
+    model: Text = Field(min_length=1, max_length=MAX_MODEL_LENGTH)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -23,9 +40,9 @@ class _SamplingFields(_Request):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
-    user: str | None = None
+    stop: Text | list[Text] | None = Field(None, validate_default=True)
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    user: Text | None = Field(None, max_length=1024)
     ignore_eos: bool = Field(False, description="loraserve extension: keep generating past EOS")
 
     @field_validator("stop")
@@ -38,7 +55,7 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
@@ -61,13 +78,13 @@ class CompletionRequest(_SamplingFields):
 
 class ContentPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
