@@ -10,9 +10,8 @@ from server.tenancy import commands as keys_commands
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.api.app import create_app
+    from server.api.http_server import build_server
     from server.api.logging import configure_logging
 
     settings = settings_from_args(args)
@@ -20,9 +19,12 @@ def _serve(args: argparse.Namespace) -> int:
     # The engine thread and the event loop share the GIL: a short switch interval keeps the engine's
     # Python between kernels from waiting the default 5 ms each time the loop holds it.
     sys.setswitchinterval(0.0005)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                timeout_graceful_shutdown=int(settings.shutdown_grace_seconds))
-    return 0
+    server = build_server(create_app(settings), settings)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the captured Ctrl-C again once it has shut down
+        pass
+    return 0 if server.started else 3  # uvicorn's status for a server that failed to start
 
 
 def _generate(args: argparse.Namespace) -> int:

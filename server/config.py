@@ -65,3 +65,13 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port of the HTTP server.")
     log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON or as plain text.")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="Time in-flight requests get to finish.")
+    # Limits of every connection, checked before the application sees a request (server/api/http_protocol.py).
+    max_connections: int = Field(1024, ge=1, description="Open HTTP connections at most; more: 503 and closed.")
+    max_connections_per_client: int = Field(
+        128, ge=0, description="Open connections from one client address; more: 503 and closed; 0 = no limit.")
+    max_header_bytes: ByteSize = Field(
+        ByteSize(64 * 1024), ge=1024, description="Largest request head (request line and header fields); 431.")
+    max_header_fields: int = Field(100, ge=1, description="Header fields of one request at most; 431.")
+    request_head_timeout: float = Field(
+        10.0, gt=0, description="Seconds a client gets to send a whole request head; 408.")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open.")

@@ -4,9 +4,8 @@ import socket
 import threading
 import time
 
-import uvicorn
-
 from server.api.app import create_app
+from server.api.http_server import build_server
 from server.config import Settings
 
 
@@ -17,12 +16,14 @@ def free_port() -> int:
 
 
 class RunningServer:
+    """The server `loraserve serve` runs (server/api/http_server.py), with a shutdown grace of 5 s at most."""
+
     def __init__(self, settings: Settings):
-        self.settings = settings.model_copy(update={"host": "127.0.0.1", "port": free_port()})
+        self.settings = settings.model_copy(update={
+            "host": "127.0.0.1", "port": free_port(),
+            "shutdown_grace_seconds": min(settings.shutdown_grace_seconds, 5.0)})
         self.app = create_app(self.settings)
-        config = uvicorn.Config(self.app, host=self.settings.host, port=self.settings.port, log_config=None,
-                                timeout_graceful_shutdown=5)
-        self._server = uvicorn.Server(config)
+        self._server = build_server(self.app, self.settings)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
     @property
@@ -32,6 +33,11 @@ class RunningServer:
     @property
     def state(self):
         return self.app.state.loraserve
+
+    @property
+    def open_connections(self) -> int:
+        """HTTP connections the server holds open now."""
+        return len(self._server.server_state.connections)
 
     def __enter__(self) -> "RunningServer":
         self._thread.start()

@@ -50,6 +50,12 @@ FLAGS: dict[str, tuple[list[str], object]] = {
     "port": (["--port", "9000"], 9000),
     "log_format": (["--log-format", "text"], "text"),
     "shutdown_grace_seconds": (["--shutdown-grace-seconds", "1.5"], 1.5),
+    "max_connections": (["--max-connections", "64"], 64),
+    "max_connections_per_client": (["--max-connections-per-client", "0"], 0),
+    "max_header_bytes": (["--max-header-bytes", "16KiB"], 16 * 1024),
+    "max_header_fields": (["--max-header-fields", "50"], 50),
+    "request_head_timeout": (["--request-head-timeout", "2.5"], 2.5),
+    "keep_alive_timeout": (["--keep-alive-timeout", "0.5"], 0.5),
 }
 
 

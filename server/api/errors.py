@@ -26,8 +26,9 @@ class ApiError(Exception):
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
-          422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+          404: "not_found_error", 408: "invalid_request_error", 409: "conflict_error",
+          413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+          431: "invalid_request_error", 500: "server_error",
           503: "service_unavailable_error"}
 
 # Domain error -> (status, code). Subclasses match their closest listed ancestor.

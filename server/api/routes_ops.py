@@ -1,8 +1,13 @@
-"""Operations: liveness, readiness, Prometheus metrics."""
+"""Operations: liveness, readiness, Prometheus metrics.
 
-from fastapi import APIRouter, Request, Response
+/health and /ready answer anyone (probes). /metrics labels its series with every tenant's adapter and
+experiment names, so with auth on it answers admins only (401 without a key, 403 for a tenant's key);
+with auth off everyone is an admin and it stays open."""
+
+from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server.api.auth import authenticate, require_admin
 from server.api.errors import error_response
 
 router = APIRouter(tags=["operations"])
@@ -22,8 +27,7 @@ async def ready(request: Request):
     return {"status": "ready", "model": request.app.state.loraserve.models.base_name}
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[Depends(authenticate), Depends(require_admin)])
 async def metrics(request: Request) -> Response:
-    state = getattr(request.app.state, "loraserve", None)
-    body = generate_latest(state.metrics.registry) if state is not None else b""
-    return Response(body, media_type=CONTENT_TYPE_LATEST)
+    registry = request.app.state.loraserve.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
