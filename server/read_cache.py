@@ -1,15 +1,15 @@
-"""An in-memory copy of a store's answers, dropped at every write to that store and after a second.
+"""An in-memory copy of a store's answers, dropped at every write to its tables and after a second.
 
 Every inference request asks the catalogue the same questions ("which version does `model` name?",
 "is it an experiment?"); answering them from SQLite costs about a millisecond each on the event loop,
 which a server streaming thousands of tokens a second cannot spare. This process's own writes drop the
-copy at once; an answer also expires after `max_age_s`, so replicas sharing one catalogue see each
-other's writes within that time.
+copy at once (server/db/database.py calls `invalidate` once such a write has committed); an answer
+also expires after `max_age_s`, so replicas sharing one catalogue see each other's writes within that
+time.
 """
 
 import time
-from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -44,11 +44,3 @@ class ReadCache(Generic[K, V]):
     def invalidate(self) -> None:
         self._generation += 1
         self._values = {}
-
-    @contextmanager
-    def invalidated_after(self) -> Iterator[None]:
-        """Wrap a write: the copy is dropped once it has committed (or failed)."""
-        try:
-            yield
-        finally:
-            self.invalidate()

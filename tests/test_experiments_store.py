@@ -4,8 +4,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import create_engine
 
+from server.db import Database
 from server.experiments.errors import (
     DuplicateFeedbackError,
     DuplicateRequestIdError,
@@ -15,6 +15,7 @@ from server.experiments.errors import (
 )
 from server.experiments.model import Assignment, Experiment, Outcome, Promotion, Status, Variant
 from server.experiments.store import ExperimentStore
+from server.registry.namespace import Namespace
 
 
 def _experiment(name: str = "exp") -> Experiment:
@@ -28,8 +29,13 @@ def url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'catalogue.db'}"
 
 
+def _store(url: str) -> ExperimentStore:
+    database = Database(url)
+    return ExperimentStore(database, Namespace(database))
+
+
 def test_experiments_round_trip_and_survive_reopening(url):
-    store = ExperimentStore(create_engine(url))
+    store = _store(url)
     experiment = store.add(_experiment())
     with pytest.raises(ExperimentNameConflictError):
         store.add(_experiment())
@@ -39,7 +45,7 @@ def test_experiments_round_trip_and_survive_reopening(url):
     store.add_request(Assignment("exp", "B", None, "req-1"), key="user-9")
     store.finish_request("req-1", Outcome(None, 7, 0.01, 0.05))
 
-    reopened = ExperimentStore(create_engine(url))
+    reopened = _store(url)
     assert reopened.get("exp") == stopped and reopened.get("other") is None
     assert [e.name for e in reopened.all()] == ["exp"]
     [record] = reopened.records("exp")
@@ -47,7 +53,7 @@ def test_experiments_round_trip_and_survive_reopening(url):
 
 
 def test_feedback_once_per_request_by_request_or_response_id(url):
-    store = ExperimentStore(create_engine(url))
+    store = _store(url)
     store.add(_experiment())
     store.add_request(Assignment("exp", "A", "a@1", "abc"), key=None)
     with pytest.raises(DuplicateRequestIdError):
@@ -61,7 +67,7 @@ def test_feedback_once_per_request_by_request_or_response_id(url):
 
 
 def test_delete_removes_records_and_frees_the_name(url):
-    store = ExperimentStore(create_engine(url))
+    store = _store(url)
     store.add(_experiment())
     store.add_request(Assignment("exp", "A", "a@1", "r1"), key=None)
     store.delete("exp")

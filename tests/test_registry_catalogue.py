@@ -4,8 +4,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from server.db import Database
 from server.registry.catalogue import Catalogue
 from server.registry.errors import AdapterNotFoundError, InvalidNameError, NameConflictError
+from server.registry.namespace import Namespace
 from server.registry.records import AdapterMetadata
 
 
@@ -22,11 +24,16 @@ def url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'catalogue.db'}"
 
 
+def _open(url: str) -> tuple[Database, Catalogue]:
+    database = Database(url)
+    return database, Catalogue(database, Namespace(database))
+
+
 @pytest.fixture
 def catalogue(url):
-    catalogue = Catalogue(url)
+    database, catalogue = _open(url)
     yield catalogue
-    catalogue.close()
+    database.close()
 
 
 def test_versions_count_up_and_keep_their_metadata(catalogue):
@@ -128,16 +135,16 @@ def test_list_pages_through_live_names(catalogue):
 
 
 def test_everything_survives_reopening(url):
-    first = Catalogue(url)
+    database, first = _open(url)
     record = first.add_version("bot", _metadata())
     first.set_alias("prod", "bot", 1)
-    first.close()
-    again = Catalogue(url)
+    database.close()
+    database, again = _open(url)
     try:
         assert again.resolve("prod") == record
         assert again.add_version("bot", _metadata("b")).version == 2
     finally:
-        again.close()
+        database.close()
 
 
 def test_remembered_resolutions_follow_every_write(catalogue):

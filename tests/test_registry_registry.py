@@ -17,7 +17,10 @@ from server.lora.targets import find_target_modules
 from server.registry.errors import (
     AdapterNotFoundError, InvalidNameError, NameConflictError, PathNotAllowedError, UploadTooLargeError,
 )
-from server.registry.registry import STATE_DIR, AdapterRegistry, validator_for
+from server.db import STATE_DIR, open_database
+from server.registry.catalogue import Catalogue
+from server.registry.namespace import Namespace
+from server.registry.registry import AdapterRegistry, validator_for
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +52,23 @@ def adapters_dir(tmp_path) -> Path:
 
 
 @pytest.fixture
-def registry(adapters_dir, validator):
-    registry = AdapterRegistry(adapters_dir, validator)
-    yield registry
-    registry.close()
+def open_registry(adapters_dir):
+    """Opens registries on adapters_dir's catalogue (each with its own database), all closed at the end."""
+    databases = []
+
+    def open_(validator, **options) -> AdapterRegistry:
+        database = open_database(adapters_dir)
+        databases.append(database)
+        return AdapterRegistry(adapters_dir, validator, Catalogue(database, Namespace(database)), **options)
+
+    yield open_
+    for database in databases:
+        database.close()
+
+
+@pytest.fixture
+def registry(open_registry, validator):
+    return open_registry(validator)
 
 
 def _files(directory: Path) -> tuple[bytes, bytes]:
@@ -137,52 +153,45 @@ def test_validation_failure_stores_nothing(registry, adapters_dir, adapter_a):
     assert registry.cache.keys() == []
 
 
-def test_name_and_size_refusals_store_nothing(adapters_dir, validator, adapter_a):
+def test_name_and_size_refusals_store_nothing(open_registry, adapters_dir, validator, adapter_a):
     config, weights = _files(adapter_a)
-    registry = AdapterRegistry(adapters_dir, validator, max_upload_bytes=len(config) + len(weights) - 1)
-    try:
-        for name in ("../bot", "a/b", ".bot", "bot@2", ""):
-            with pytest.raises(InvalidNameError):
-                registry.upload(name, "", config, weights)
-        chunks_read = []
+    registry = open_registry(validator, max_upload_bytes=len(config) + len(weights) - 1)
+    for name in ("../bot", "a/b", ".bot", "bot@2", ""):
+        with pytest.raises(InvalidNameError):
+            registry.upload(name, "", config, weights)
+    chunks_read = []
 
-        def stream():
-            for start in range(0, len(weights), 1024):
-                chunks_read.append(start)
-                yield weights[start:start + 1024]
+    def stream():
+        for start in range(0, len(weights), 1024):
+            chunks_read.append(start)
+            yield weights[start:start + 1024]
 
-        with pytest.raises(UploadTooLargeError):
-            registry.upload("bot", "", config, stream())
-        assert len(chunks_read) == -(-len(weights) // 1024)  # the limit tripped on the very last chunk
-        assert _state(adapters_dir) == ([], [])
-        assert registry.catalogue.latest("bot", include_deleted=True) is None
-    finally:
-        registry.close()
+    with pytest.raises(UploadTooLargeError):
+        registry.upload("bot", "", config, stream())
+    assert len(chunks_read) == -(-len(weights) // 1024)  # the limit tripped on the very last chunk
+    assert _state(adapters_dir) == ([], [])
+    assert registry.catalogue.latest("bot", include_deleted=True) is None
 
 
-def test_restart_keeps_everything_and_cleans_crash_leftovers(adapters_dir, validator, adapter_a, adapter_b):
-    first = AdapterRegistry(adapters_dir, validator)
+def test_restart_keeps_everything_and_cleans_crash_leftovers(open_registry, adapters_dir, validator, adapter_a, adapter_b):
+    first = open_registry(validator)
     record = _upload(first, "bot", adapter_a)
     first.set_alias("prod", "bot@1")
     first.blobs.stage(*_files(adapter_b), max_bytes=10**9)  # a crash mid-upload: staged, never committed
     (adapters_dir / STATE_DIR / "tmp" / "torn-write").write_bytes(b"\x00" * 10)
-    first.close()
     assert len(_state(adapters_dir)[1]) == 2
 
-    again = AdapterRegistry(adapters_dir, validator)
-    try:
-        assert _state(adapters_dir) == ([record.blob_key], [])  # temporaries gone, the blob kept
-        assert again.resolve("prod") == record
-        assert again.tier_of("bot@1") == "disk"  # host memory does not survive a restart
-        loaded = again.load(record)
-        assert loaded.name == "bot@1" and again.tier_of("bot@1") == "host"
-        expected = validator(adapter_a, name="x")
-        for module, weights in expected.modules.items():
-            assert torch.equal(loaded.modules[module].lora_b, weights.lora_b)
-        assert again.cache.stats().loads == 1
-        assert _upload(again, "bot", adapter_b).version == 2
-    finally:
-        again.close()
+    again = open_registry(validator)
+    assert _state(adapters_dir) == ([record.blob_key], [])  # temporaries gone, the blob kept
+    assert again.resolve("prod") == record
+    assert again.tier_of("bot@1") == "disk"  # host memory does not survive a restart
+    loaded = again.load(record)
+    assert loaded.name == "bot@1" and again.tier_of("bot@1") == "host"
+    expected = validator(adapter_a, name="x")
+    for module, weights in expected.modules.items():
+        assert torch.equal(loaded.modules[module].lora_b, weights.lora_b)
+    assert again.cache.stats().loads == 1
+    assert _upload(again, "bot", adapter_b).version == 2
 
 
 def test_discovery_registers_valid_dirs_and_skips_the_rest(registry, adapters_dir, adapter_a, adapter_b):
@@ -245,7 +254,7 @@ def test_load_from_path_stays_inside_the_adapters_dir(registry, adapters_dir, ad
     assert registry.catalogue.latest("x", include_deleted=True) is None
 
 
-def test_concurrent_loads_of_one_key_do_the_work_once(adapters_dir, validator, adapter_a):
+def test_concurrent_loads_of_one_key_do_the_work_once(open_registry, adapters_dir, validator, adapter_a):
     calls = []
 
     def slow_validator(directory: Path, name: str):
@@ -253,32 +262,28 @@ def test_concurrent_loads_of_one_key_do_the_work_once(adapters_dir, validator, a
         time.sleep(0.2)  # long enough for every thread to arrive while the first load runs
         return validator(directory, name=name)
 
-    uploader = AdapterRegistry(adapters_dir, validator)
+    uploader = open_registry(validator)
     record = _upload(uploader, "bot", adapter_a)
-    uploader.close()
-    registry = AdapterRegistry(adapters_dir, slow_validator)  # fresh: the host cache is empty
-    try:
-        barrier = threading.Barrier(6)
-        results = []
+    registry = open_registry(slow_validator)  # fresh: the host cache is empty
+    barrier = threading.Barrier(6)
+    results = []
 
-        def load():
-            barrier.wait()
-            results.append(registry.load(record))
+    def load():
+        barrier.wait()
+        results.append(registry.load(record))
 
-        threads = [threading.Thread(target=load) for _ in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert calls == ["bot@1"]  # validated once, with the key as its name
-        assert len(results) == 6 and all(r is results[0] for r in results)
-        assert registry.cache.stats().loads == 1
-        assert registry.load(record) is results[0] and calls == ["bot@1"]  # later: a plain cache hit
-    finally:
-        registry.close()
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["bot@1"]  # validated once, with the key as its name
+    assert len(results) == 6 and all(r is results[0] for r in results)
+    assert registry.cache.stats().loads == 1
+    assert registry.load(record) is results[0] and calls == ["bot@1"]  # later: a plain cache hit
 
 
-def test_a_failed_load_reaches_every_waiter_and_is_retried_later(adapters_dir, validator, adapter_a):
+def test_a_failed_load_reaches_every_waiter_and_is_retried_later(open_registry, adapters_dir, validator, adapter_a):
     other_base = validator_for({}, max_rank=64, dtype=torch.float32)  # a base without these modules
     calls = []
 
@@ -287,45 +292,38 @@ def test_a_failed_load_reaches_every_waiter_and_is_retried_later(adapters_dir, v
         time.sleep(0.2)
         return other_base(directory, name=name)
 
-    uploader = AdapterRegistry(adapters_dir, validator)
+    uploader = open_registry(validator)
     record = _upload(uploader, "bot", adapter_a)
-    uploader.close()
-    registry = AdapterRegistry(adapters_dir, failing_validator)
-    try:
-        barrier = threading.Barrier(4)
-        errors = []
+    registry = open_registry(failing_validator)
+    barrier = threading.Barrier(4)
+    errors = []
 
-        def load():
-            barrier.wait()
-            try:
-                registry.load(record)
-            except AdapterValidationError as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=load) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert len(calls) == 1 and len(errors) == 4 and "no linear module" in str(errors[0])
-        with pytest.raises(AdapterValidationError):
+    def load():
+        barrier.wait()
+        try:
             registry.load(record)
-        assert len(calls) == 2  # failures are not cached: the next load tries again
-        assert registry.tier_of("bot@1") == "disk"
-    finally:
-        registry.close()
+        except AdapterValidationError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(errors) == 4 and "no linear module" in str(errors[0])
+    with pytest.raises(AdapterValidationError):
+        registry.load(record)
+    assert len(calls) == 2  # failures are not cached: the next load tries again
+    assert registry.tier_of("bot@1") == "disk"
 
 
-def test_list_pages_and_host_cache_budget(adapters_dir, validator, adapter_a, adapter_b):
+def test_list_pages_and_host_cache_budget(open_registry, adapters_dir, validator, adapter_a, adapter_b):
     size_a = validator(adapter_a, name="x").nbytes
-    registry = AdapterRegistry(adapters_dir, validator, host_cache_bytes=size_a)
-    try:
-        _upload(registry, "a", adapter_a)
-        _upload(registry, "b", adapter_b)
-        _upload(registry, "c", adapter_a)
-        assert registry.cache.stats().used_bytes <= size_a
-        assert registry.tier_of("c@1") == "host" and registry.tier_of("a@1") == "disk"
-        page = registry.list(limit=2, offset=1)
-        assert page.total == 3 and [s.name for s in page.items] == ["b", "c"]
-    finally:
-        registry.close()
+    registry = open_registry(validator, host_cache_bytes=size_a)
+    _upload(registry, "a", adapter_a)
+    _upload(registry, "b", adapter_b)
+    _upload(registry, "c", adapter_a)
+    assert registry.cache.stats().used_bytes <= size_a
+    assert registry.tier_of("c@1") == "host" and registry.tier_of("a@1") == "disk"
+    page = registry.list(limit=2, offset=1)
+    assert page.total == 3 and [s.name for s in page.items] == ["b", "c"]

@@ -141,7 +141,7 @@ def test_key_lifecycle_list_hides_secrets_and_revocation_is_immediate(world):
 
 def test_keys_are_stored_only_as_digests(world):
     state = world["server"].state
-    with state.registry.catalogue.engine.connect() as connection:
+    with state.database.engine.connect() as connection:
         rows = connection.exec_driver_sql("SELECT * FROM api_keys").fetchall()
     dump = repr(rows)
     assert rows and world["keys"]["acme"]["key"] not in dump and ADMIN_KEY not in dump

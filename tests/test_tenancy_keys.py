@@ -1,15 +1,13 @@
-"""API keys in the catalogue: the `loraserve keys` CLI, digests only, revocation, ownership claims."""
+"""API keys in the catalogue: the `loraserve keys` CLI, digests only, revocation."""
 
 import json
 
 import pytest
-from sqlalchemy import create_engine
 
 from server.cli import main
-from server.registry.catalogue import Catalogue
+from server.db import Database, open_database
 from server.tenancy.errors import KeyNotFoundError, TenantNotFoundError
 from server.tenancy.keys import KeyStore
-from server.tenancy.ownership import OwnershipStore
 
 
 def _run(capsys, *argv) -> list[dict]:
@@ -27,18 +25,18 @@ def test_cli_creates_lists_and_revokes_keys_in_the_adapters_catalogue(tmp_path, 
     assert created["key"] not in json.dumps(listed)
     _run(capsys, *flags, "revoke", created["id"])
 
-    catalogue = Catalogue(f"sqlite:///{tmp_path / '.loraserve' / 'catalogue.db'}")
+    database = open_database(tmp_path)
     try:
-        store = KeyStore(catalogue.engine)
+        store = KeyStore(database)
         assert store.authenticate(created["key"]) is None  # revoked
         assert store.authenticate(admin["key"]).role == "admin"
         assert store.active_keys() == 1
     finally:
-        catalogue.close()
+        database.close()
 
 
-def test_key_store_refusals_and_principals():
-    store = KeyStore(create_engine("sqlite://"))
+def test_key_store_refusals_and_principals(tmp_path):
+    store = KeyStore(Database(f"sqlite:///{tmp_path / 'catalogue.db'}"))
     with pytest.raises(TenantNotFoundError):
         store.create_key("tenant", "nobody")
     with pytest.raises(ValueError):
@@ -51,13 +49,3 @@ def test_key_store_refusals_and_principals():
     with pytest.raises(KeyNotFoundError):
         store.revoke("key_nope")
 
-
-def test_ownership_claims_are_first_come():
-    owners = OwnershipStore(create_engine("sqlite://"))
-    assert owners.claim("bot", "acme") is True
-    assert owners.claim("bot", "globex") is False
-    assert owners.owner("bot").tenant == "acme"
-    owners.release("bot", "globex")  # not globex's: stays
-    assert owners.owner("bot").tenant == "acme"
-    owners.set_public("bot", True)
-    assert owners.visible_names("globex") == {"bot"} and owners.owned_names("globex") == set()

@@ -1,43 +1,41 @@
 """What a caller may see and change. Names form one global namespace (adapters, aliases, experiments);
-each name has an owner (see server/tenancy/ownership.py). A tenant sees its own names and public ones,
+each name has an owner (server/registry/namespace.py). A tenant sees its own names and public ones,
 changes only its own, and gets for a name it may not see exactly the answer a name that does not exist
-gets. Admins see and change everything."""
-
-from collections.abc import Callable
+gets. Admins see and change everything. The checks answer from the namespace's in-memory copy, so the
+request path asks no database."""
 
 from server.experiments.errors import ExperimentNotFoundError
-from server.registry.errors import AdapterNotFoundError, InvalidNameError, NameConflictError
-from server.registry.names import check_name, parse_model_ref
+from server.registry.errors import AdapterNotFoundError, InvalidNameError
+from server.registry.names import parse_model_ref
+from server.registry.namespace import Namespace
 from server.tenancy.errors import PermissionDeniedError
 from server.tenancy.keys import Principal
-from server.tenancy.ownership import OwnershipStore
 
 
 class Access:
-    def __init__(self, ownership: OwnershipStore, taken: Callable[[str], bool], base_name: str):
-        """`taken(name)`: whether the name is in use (an adapter, deleted or not, an alias, an experiment)."""
-        self.ownership = ownership
-        self._taken = taken
+    def __init__(self, names: Namespace, base_name: str):
+        self.names = names
         self._base_name = base_name
 
     def can_see(self, who: Principal, name: str) -> bool:
         if who.is_admin or name == self._base_name:
             return True
-        owner = self.ownership.owner(name)
-        return owner is not None and (owner.tenant == who.tenant or owner.public)
+        entry = self.names.get(name)
+        return entry is not None and (entry.tenant == who.tenant or entry.public)
 
     def owns(self, who: Principal, name: str) -> bool:
         if who.is_admin:
             return True
-        owner = self.ownership.owner(name)
-        return owner is not None and owner.tenant == who.tenant
+        entry = self.names.get(name)
+        return entry is not None and entry.tenant == who.tenant
 
     def visible_names(self, who: Principal) -> set[str] | None:
-        """The names a caller may see; None for all of them."""
-        return None if who.is_admin else self.ownership.visible_names(who.tenant) | {self._base_name}
+        """The names a caller may see; None for all of them. Blocking (a database read)."""
+        return None if who.is_admin else self.names.visible_to(who.tenant) | {self._base_name}
 
     def owned_names(self, who: Principal) -> set[str] | None:
-        return None if who.is_admin else self.ownership.owned_names(who.tenant)
+        """Blocking (a database read)."""
+        return None if who.is_admin else self.names.owned_by(who.tenant)
 
     # ---- checks that raise the answer a missing name gets --------------------------------------
 
@@ -61,27 +59,6 @@ class Access:
     def see_experiment(self, who: Principal, name: str) -> None:
         if not self.owns(who, name):
             raise ExperimentNotFoundError(f"experiment {name!r} not found")
-
-    # ---- creating names ------------------------------------------------------------------------
-
-    def claim(self, who: Principal, name: str) -> bool:
-        """Before a tenant creates something under `name`: make the name its own. True if this call
-        claimed it (release it if the creation then fails). A name owned by someone else, or in use
-        by the admins, answers as a conflict that does not say whose it is."""
-        if who.is_admin:
-            return False
-        check_name(name)
-        owner = self.ownership.owner(name)
-        if owner is not None and owner.tenant == who.tenant:
-            return False
-        free = owner is None and name != self._base_name and not self._taken(name)
-        if free and self.ownership.claim(name, who.tenant):
-            return True
-        raise NameConflictError(f"name {name!r} is not available")
-
-    def release(self, who: Principal, name: str) -> None:
-        if not who.is_admin:
-            self.ownership.release(name, who.tenant)
 
 
 def _name_of(ref: str) -> str | None:

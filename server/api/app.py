@@ -21,17 +21,18 @@ from server.api.metrics import Metrics
 from server.api.model_resolver import ModelResolver
 from server.api.state import AppState
 from server.config import Settings
+from server.db import open_database
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
 from server.engine.torch_threads import engine_threads, use_one_thread
 from server.experiments.service import ExperimentService
 from server.experiments.store import ExperimentStore
-from server.registry.errors import AdapterNotFoundError
+from server.registry.catalogue import Catalogue
+from server.registry.namespace import Namespace
 from server.registry.registry import AdapterRegistry, validator_for
 from server.tenancy.audit import AuditLog
 from server.tenancy.keys import KeyStore
 from server.tenancy.limits import TenantLimiter
-from server.tenancy.ownership import OwnershipStore
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,13 @@ def build_state(settings: Settings, threads: int | None = None) -> AppState:
     """Load the model, open the registry, register adapters from disk and flags (slow: run off the loop).
     `threads`: torch threads of the engine thread (None: torch's setting)."""
     engine = LLMEngine.from_settings(settings)
-
+    base_name = settings.served_model_name or Path(settings.model).resolve().name
+    # One database for every store; one namespace for adapter names, aliases and experiments.
+    database = open_database(settings.adapters_dir, settings.catalogue_url)
+    names = Namespace(database, reserved={base_name})
     registry = AdapterRegistry(
         settings.adapters_dir, validator_for(engine.targets, max_rank=settings.max_lora_rank, dtype=engine.dtype),
-        catalogue_url=settings.catalogue_url, host_cache_bytes=int(settings.host_cache_memory),
+        Catalogue(database, names), host_cache_bytes=int(settings.host_cache_memory),
         max_upload_bytes=int(settings.max_upload_size),
     )
     report = registry.discover()
@@ -54,16 +58,15 @@ def build_state(settings: Settings, threads: int | None = None) -> AppState:
     runner = AsyncEngine(engine, threads)
     metrics = Metrics()
     metrics.watch_engine(runner)
-    base_name = settings.served_model_name or Path(settings.model).resolve().name
-    # Experiments keep their tables in the catalogue's database, through the catalogue's own engine.
-    store = ExperimentStore(registry.catalogue.engine)
+    store = ExperimentStore(database, names)
     experiments = ExperimentService(store, registry, base_name, observer=metrics.experiments)
-    keys = KeyStore(registry.catalogue.engine)
-    access = Access(OwnershipStore(registry.catalogue.engine), _taken_by(registry, experiments), base_name)
+    keys = KeyStore(database)
+    access = Access(names, base_name)
     admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
     enabled = settings.auth == "on" or (settings.auth == "auto" and bool(admin_key or keys.active_keys()))
     return AppState(
         settings=settings,
+        database=database,
         engine=runner,
         tokenizer=engine.tokenizer,
         registry=registry,
@@ -75,23 +78,10 @@ def build_state(settings: Settings, threads: int | None = None) -> AppState:
         auth=Authenticator(keys, enabled, admin_key),
         keys=keys,
         access=access,
-        audit=AuditLog(registry.catalogue.engine),
+        audit=AuditLog(database),
         limits=TenantLimiter(settings.tenant_requests_per_minute, settings.tenant_tokens_per_minute,
                              settings.tenant_max_concurrent),
     )
-
-
-def _taken_by(registry: AdapterRegistry, experiments: ExperimentService):
-    def taken(name: str) -> bool:
-        if registry.catalogue.latest(name, include_deleted=True) is not None or experiments.find(name) is not None:
-            return True
-        try:
-            registry.get_alias(name)
-        except AdapterNotFoundError:
-            return False
-        return True
-
-    return taken
 
 
 # Room for the multipart framing and the form fields around an upload's two files.
@@ -141,7 +131,7 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.loraserve = None
             await asyncio.to_thread(state.engine.stop)
             await asyncio.to_thread(state.experiments.close)
-            state.registry.close()
+            state.database.close()
 
     app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan)
     app.state.loraserve = None

@@ -1,11 +1,15 @@
 """Recording a change in the audit log under the calling key."""
 
+import asyncio
+
 from fastapi import Request
 
 from server.api.auth import caller
 
 
-def audit(request: Request, action: str, subject: str, **detail) -> None:
-    """Record that the caller did `action` to `subject` (a name, `name@version`, a key id)."""
+async def audit(request: Request, action: str, subject: str, **detail) -> None:
+    """Record that the caller did `action` to `subject` (a name, `name@version`, a key id), on a worker
+    thread (a database write never runs on the event loop)."""
     who = caller(request)
-    request.app.state.loraserve.audit.record(who.key_id, who.tenant, action, subject, detail)
+    log = request.app.state.loraserve.audit
+    await asyncio.to_thread(log.record, who.key_id, who.tenant, action, subject, detail)

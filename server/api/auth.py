@@ -5,7 +5,8 @@ it runs a route's dependencies), so a request without a valid key never gets its
 dependency then only picks up the principal.
 
 With auth off every caller is an anonymous admin (local use, the demo). The admin key from the
-configuration is compared by digest in constant time; other keys are looked up by digest in the catalogue.
+configuration is compared by digest in constant time; other keys are looked up by digest in the key
+store's in-memory copy (server/tenancy/keys.py), so authenticating asks no database.
 """
 
 import hmac

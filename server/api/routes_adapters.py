@@ -98,23 +98,17 @@ async def upload_adapter(
     """Validate a PEFT adapter fully against the base, store it, and make it a new version of `name`."""
     state, who = app_state(request), caller(request)
     room = await asyncio.to_thread(_quota_room, state, who, name)
-    claimed = await asyncio.to_thread(state.access.claim, who, name)
     try:
         record = await asyncio.to_thread(
-            state.registry.upload, name, description, adapter_config.file, adapter_model.file, max_bytes=room
+            state.registry.upload, name, description, adapter_config.file, adapter_model.file, max_bytes=room,
+            tenant=who.tenant,
         )
     except UploadTooLargeError:
-        if claimed:
-            state.access.release(who, name)
         if room is not None and room < state.registry.max_upload_bytes:
             raise QuotaExceededError(f"the upload would exceed your quota of "
                                      f"{int(state.settings.tenant_max_adapter_bytes)} stored bytes") from None
         raise
-    except BaseException:
-        if claimed:
-            state.access.release(who, name)
-        raise
-    audit(request, "adapter.upload", record.key, bytes=record.size_bytes, sha256=record.weights_sha256)
+    await audit(request, "adapter.upload", record.key, bytes=record.size_bytes, sha256=record.weights_sha256)
     return _version_json(state, record)
 
 
@@ -140,7 +134,8 @@ def _quota_room(state: AppState, who: Principal, name: str) -> int | None:
 async def list_adapters(request: Request, limit: int = Query(50, ge=1, le=500),
                         offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
     state = app_state(request)
-    page = state.registry.list(limit=limit, offset=offset, only=state.access.visible_names(caller(request)))
+    visible = await asyncio.to_thread(state.access.visible_names, caller(request))
+    page = await asyncio.to_thread(state.registry.list, limit=limit, offset=offset, only=visible)
     return {
         "object": "list",
         "data": [_summary_json(state, summary) for summary in page.items],
@@ -155,7 +150,7 @@ async def list_adapters(request: Request, limit: int = Query(50, ge=1, le=500),
 async def get_adapter(request: Request, name: str) -> dict:
     state = app_state(request)
     state.access.see_model(caller(request), name)
-    versions = state.registry.get(name)
+    versions = await asyncio.to_thread(state.registry.get, name)
     newest = versions[-1]
     return {**_version_json(state, newest), "versions": [_version_json(state, v) for v in versions]}
 
@@ -166,8 +161,8 @@ async def delete_adapter(request: Request, ref: str) -> dict:
     state = app_state(request)
     parsed = parse_model_ref(ref)
     state.access.change_model(caller(request), ref)
-    deleted = state.registry.delete(parsed.name, parsed.version)
-    audit(request, "adapter.delete", ref, deleted=[r.key for r in deleted])
+    deleted = await asyncio.to_thread(state.registry.delete, parsed.name, parsed.version)
+    await audit(request, "adapter.delete", ref, deleted=[r.key for r in deleted])
     draining = [record.key for record in deleted if not await state.engine.retire(record.key)]
     return {"deleted": [r.key for r in deleted], "draining": draining}
 
@@ -201,7 +196,7 @@ async def pin_merged(request: Request, ref: str) -> dict:
     state.access.change_model(caller(request), ref)
     target = await _resolve_adapter(request, state, ref)
     await state.engine.pin_merged(target.adapter)
-    audit(request, "adapter.merge_pin", target.label)
+    await audit(request, "adapter.merge_pin", target.label)
     return {"id": target.label, "merge": _merge_json(state, target.label)}
 
 
@@ -212,7 +207,7 @@ async def unpin_merged(request: Request, ref: str) -> dict:
     state.access.change_model(caller(request), ref)
     record = state.registry.resolve(ref)
     await state.engine.unpin_merged(record.key)
-    audit(request, "adapter.merge_unpin", record.key)
+    await audit(request, "adapter.merge_unpin", record.key)
     return {"id": record.key, "merge": _merge_json(state, record.key)}
 
 
@@ -221,22 +216,17 @@ async def put_alias(request: Request, alias: str, body: AliasBody) -> dict:
     """Point an alias at an adapter version (rollout, rollback)."""
     state, who = app_state(request), caller(request)
     state.access.see_model(who, body.target)
-    claimed = await asyncio.to_thread(state.access.claim, who, alias)
-    try:
-        record = state.registry.set_alias(alias, body.target)
-    except BaseException:
-        if claimed:
-            state.access.release(who, alias)
-        raise
-    audit(request, "alias.set", alias, to=record.target)
+    record = await asyncio.to_thread(state.registry.set_alias, alias, body.target, who.tenant)
+    await audit(request, "alias.set", alias, to=record.target)
     return _alias_json(record)
 
 
 @router.get("/v1/aliases")
 async def list_aliases(request: Request) -> dict:
     state = app_state(request)
-    owned = state.access.owned_names(caller(request))
-    aliases = [a for a in state.registry.list_aliases() if owned is None or a.alias in owned]
+    owned = await asyncio.to_thread(state.access.owned_names, caller(request))
+    aliases = await asyncio.to_thread(state.registry.list_aliases)
+    aliases = [a for a in aliases if owned is None or a.alias in owned]
     return {"object": "list", "data": [_alias_json(a) for a in aliases]}
 
 
@@ -244,8 +234,8 @@ async def list_aliases(request: Request) -> dict:
 async def delete_alias(request: Request, alias: str) -> dict:
     state = app_state(request)
     state.access.see_alias(caller(request), alias)
-    record = state.registry.delete_alias(alias)
-    audit(request, "alias.delete", alias, was=record.target)
+    record = await asyncio.to_thread(state.registry.delete_alias, alias)
+    await audit(request, "alias.delete", alias, was=record.target)
     return {"deleted": alias}
 
 
@@ -256,7 +246,7 @@ async def vllm_load_lora_adapter(request: Request, body: LoadLoraBody) -> str:
     if not caller(request).is_admin:
         raise PermissionDeniedError("loading from a server path is for admins; tenants upload with POST /v1/adapters")
     record = await asyncio.to_thread(state.registry.load_from_path, body.lora_name, body.lora_path)
-    audit(request, "adapter.load_path", record.key, path=body.lora_path)
+    await audit(request, "adapter.load_path", record.key, path=body.lora_path)
     return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
 
@@ -264,8 +254,8 @@ async def vllm_load_lora_adapter(request: Request, body: LoadLoraBody) -> str:
 async def vllm_unload_lora_adapter(request: Request, body: UnloadLoraBody) -> str:
     state = app_state(request)
     state.access.change_model(caller(request), body.lora_name)
-    deleted = state.registry.delete(body.lora_name, None)
-    audit(request, "adapter.delete", body.lora_name, deleted=[r.key for r in deleted])
+    deleted = await asyncio.to_thread(state.registry.delete, body.lora_name, None)
+    await audit(request, "adapter.delete", body.lora_name, deleted=[r.key for r in deleted])
     for record in deleted:
         await state.engine.retire(record.key)
     return f"Success: LoRA adapter '{body.lora_name}' removed successfully."

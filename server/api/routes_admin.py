@@ -52,34 +52,35 @@ def _event_json(event: AuditEvent) -> dict:
 
 @router.post("/tenants", status_code=201)
 async def create_tenant(request: Request, body: TenantBody) -> dict:
-    tenant = app_state(request).keys.create_tenant(body.name)
-    audit(request, "tenant.create", tenant.name)
+    tenant = await asyncio.to_thread(app_state(request).keys.create_tenant, body.name)
+    await audit(request, "tenant.create", tenant.name)
     return {"name": tenant.name, "created": _timestamp(tenant.created_at)}
 
 
 @router.get("/tenants")
 async def list_tenants(request: Request) -> dict:
-    tenants = app_state(request).keys.tenants()
+    tenants = await asyncio.to_thread(app_state(request).keys.tenants)
     return {"object": "list", "data": [{"name": t.name, "created": _timestamp(t.created_at)} for t in tenants]}
 
 
 @router.post("/keys", status_code=201)
 async def create_key(request: Request, body: KeyBody) -> dict:
     """A new key; its secret is in this answer only."""
-    key, secret = app_state(request).keys.create_key(body.role, body.tenant, body.label)
-    audit(request, "key.create", key.id, role=key.role, tenant=key.tenant)
+    key, secret = await asyncio.to_thread(app_state(request).keys.create_key, body.role, body.tenant, body.label)
+    await audit(request, "key.create", key.id, role=key.role, tenant=key.tenant)
     return {**_key_json(key), "key": secret}
 
 
 @router.get("/keys")
 async def list_keys(request: Request) -> dict:
-    return {"object": "list", "data": [_key_json(k) for k in app_state(request).keys.keys()]}
+    keys = await asyncio.to_thread(app_state(request).keys.keys)
+    return {"object": "list", "data": [_key_json(k) for k in keys]}
 
 
 @router.delete("/keys/{key_id}")
 async def revoke_key(request: Request, key_id: str) -> dict:
-    key = app_state(request).keys.revoke(key_id)
-    audit(request, "key.revoke", key.id)
+    key = await asyncio.to_thread(app_state(request).keys.revoke, key_id)
+    await audit(request, "key.revoke", key.id)
     return _key_json(key)
 
 
@@ -89,14 +90,14 @@ async def set_public(request: Request, name: str, body: PublicBody) -> dict:
     state = app_state(request)
     if not await asyncio.to_thread(state.registry.catalogue.versions, name):
         raise AdapterNotFoundError(f"adapter {name!r} not found")
-    owner = state.access.ownership.set_public(name, body.public)
-    audit(request, "adapter.public", name, public=body.public)
-    return {"name": owner.name, "owner": owner.tenant, "public": owner.public}
+    entry = await asyncio.to_thread(state.access.names.set_public, name, body.public)
+    await audit(request, "adapter.public", name, public=body.public)
+    return {"name": entry.name, "owner": entry.tenant, "public": entry.public}
 
 
 @router.get("/audit")
 async def audit_log(request: Request, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**31 - 1),
                     tenant: str | None = None) -> dict:
-    events, total = app_state(request).audit.events(limit, offset, tenant)
+    events, total = await asyncio.to_thread(app_state(request).audit.events, limit, offset, tenant)
     return {"object": "list", "data": [_event_json(e) for e in events], "total": total,
             "has_more": offset + len(events) < total}

@@ -65,24 +65,12 @@ async def create_experiment(request: Request, body: CreateExperimentBody) -> dic
     for v in body.variants:
         state.access.see_model(who, v.adapter)
     variants = [Variant(v.name, v.adapter, v.weight, v.control) for v in body.variants]
-    experiment = await _claimed(request, state, body.name, lambda: state.experiments.create(
+    experiment = await asyncio.to_thread(lambda: state.experiments.create(
         body.name, variants, status=body.status, description=body.description,
-        assignment_key=body.assignment_key, min_samples=body.min_samples,
+        assignment_key=body.assignment_key, min_samples=body.min_samples, tenant=who.tenant,
     ))
-    audit(request, "experiment.create", experiment.name, status=experiment.status.value)
+    await audit(request, "experiment.create", experiment.name, status=experiment.status.value)
     return _experiment_json(experiment, state.models.base_name)
-
-
-async def _claimed(request: Request, state: AppState, name: str, create):
-    """Run `create` (blocking) with `name` claimed for the calling tenant; the claim goes if it fails."""
-    who = caller(request)
-    claimed = await asyncio.to_thread(state.access.claim, who, name)
-    try:
-        return await asyncio.to_thread(create)
-    except BaseException:
-        if claimed:
-            state.access.release(who, name)
-        raise
 
 
 def _own(request: Request, state: AppState, name: str) -> None:
@@ -92,7 +80,7 @@ def _own(request: Request, state: AppState, name: str) -> None:
 @router.get("/v1/experiments")
 async def list_experiments(request: Request) -> dict:
     state = app_state(request)
-    owned = state.access.owned_names(caller(request))
+    owned = await asyncio.to_thread(state.access.owned_names, caller(request))
     experiments = [e for e in await asyncio.to_thread(state.experiments.all) if owned is None or e.name in owned]
     return {"object": "list", "data": [_experiment_json(e, state.models.base_name) for e in experiments]}
 
@@ -108,29 +96,24 @@ async def get_experiment(request: Request, name: str) -> dict:
 async def update_experiment(request: Request, name: str, body: UpdateExperimentBody) -> dict:
     """Change the status and/or weights; with `promote`, also point an alias at the winner (e.g. when
     stopping). Nothing changes unless every part is accepted."""
-    state = app_state(request)
+    state, who = app_state(request), caller(request)
     _own(request, state, name)
     promote = body.promote
-    update = lambda: state.experiments.update(  # noqa: E731
-        name, status=body.status, weights=body.weights,
+    experiment = await asyncio.to_thread(lambda: state.experiments.update(
+        name, status=body.status, weights=body.weights, tenant=who.tenant,
         promote_alias=promote.alias if promote else None, promote_variant=promote.variant if promote else None,
-    )
-    if promote:
-        experiment = await _claimed(request, state, promote.alias, update)
-    else:
-        experiment = await asyncio.to_thread(update)
-    audit(request, "experiment.update", name, **body.model_dump(mode="json", exclude_none=True))
+    ))
+    await audit(request, "experiment.update", name, **body.model_dump(mode="json", exclude_none=True))
     return _experiment_json(experiment, state.models.base_name)
 
 
 @router.post("/v1/experiments/{name}/promote")
 async def promote_experiment(request: Request, name: str, body: PromoteBody) -> dict:
     """Point an alias at the winning variant's adapter version (or at the named variant's)."""
-    state = app_state(request)
+    state, who = app_state(request), caller(request)
     _own(request, state, name)
-    experiment = await _claimed(request, state, body.alias,
-                                lambda: state.experiments.promote(name, body.alias, body.variant))
-    audit(request, "experiment.promote", name, alias=body.alias, variant=body.variant)
+    experiment = await asyncio.to_thread(state.experiments.promote, name, body.alias, body.variant, who.tenant)
+    await audit(request, "experiment.promote", name, alias=body.alias, variant=body.variant)
     return _experiment_json(experiment, state.models.base_name)
 
 
@@ -140,7 +123,7 @@ async def delete_experiment(request: Request, name: str) -> dict:
     state = app_state(request)
     _own(request, state, name)
     await asyncio.to_thread(state.experiments.delete, name)
-    audit(request, "experiment.delete", name)
+    await audit(request, "experiment.delete", name)
     return {"deleted": name}
 
 

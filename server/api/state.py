@@ -11,6 +11,7 @@ from server.api.inference import InferenceService
 from server.api.metrics import Metrics
 from server.api.model_resolver import ModelResolver
 from server.config import Settings
+from server.db import Database
 from server.engine.async_engine import AsyncEngine
 from server.experiments.service import ExperimentService
 from server.registry.registry import AdapterRegistry
@@ -25,6 +26,7 @@ DEFAULT_CHAT_MAX_TOKENS = 256
 @dataclass
 class AppState:
     settings: Settings
+    database: Database
     engine: AsyncEngine
     tokenizer: PreTrainedTokenizerBase
     registry: AdapterRegistry

@@ -12,14 +12,14 @@ import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Protocol
 from uuid import uuid4
 
+from server.db import utc_now
 from server.experiments.assignment import MAX_KEY_LENGTH, choose, key_for
 from server.experiments.definition import check_variants, reweighted
 from server.experiments.errors import (
-    ExperimentNameConflictError,
     ExperimentNotFoundError,
     ExperimentNotRunningError,
     InvalidExperimentError,
@@ -40,7 +40,6 @@ from server.experiments.model import (
 )
 from server.experiments.results import Results, analyse
 from server.experiments.store import ExperimentStore
-from server.registry.errors import AdapterNotFoundError
 from server.registry.names import check_name
 from server.registry.registry import AdapterRegistry
 
@@ -75,22 +74,25 @@ class ExperimentService:
     # ---- definitions ----------------------------------------------------------------------------
 
     def create(self, name: str, variants: Sequence[Variant], *, status: Status = Status.DRAFT, description: str = "",
-               assignment_key: AssignmentKey = "user", min_samples: int = DEFAULT_MIN_SAMPLES) -> Experiment:
+               assignment_key: AssignmentKey = "user", min_samples: int = DEFAULT_MIN_SAMPLES,
+               tenant: str | None = None) -> Experiment:
         """Define an experiment, each variant's adapter pinned to one version now (a bare name to its newest,
-        an alias to its target; the base's name to the bare base)."""
-        self._check_free(name)
+        an alias to its target; the base's name to the bare base). Its name, one of the namespace of `model`
+        strings, is claimed for `tenant` (None: an admin): ExperimentNameConflictError if it is not
+        available."""
+        check_name(name, "experiment name")
         if status not in (Status.DRAFT, Status.RUNNING):
             raise InvalidExperimentError(f"an experiment starts as draft or running, not {status.value}")
         if min_samples < 2:
             raise InvalidExperimentError("min_samples must be at least 2 (a variance needs two values)")
         check_variants(tuple(variants))
         pinned = tuple(self._pin(v) for v in variants)
-        now = _now()
+        now = utc_now()
         return self._store.add(Experiment(
             name=name, description=description, status=status, variants=pinned, assignment_key=assignment_key,
             min_samples=min_samples, created_at=now, updated_at=now,
             started_at=now if status is Status.RUNNING else None,
-        ))
+        ), tenant)
 
     def get(self, name: str) -> Experiment:
         experiment = self._store.get(name)
@@ -106,24 +108,27 @@ class ExperimentService:
         return None if "@" in model else self._store.get(model)
 
     def update(self, name: str, *, status: Status | None = None, weights: dict[str, float] | None = None,
-               promote_alias: str | None = None, promote_variant: str | None = None) -> Experiment:
-        """Change the status and/or the weights, and optionally point `promote_alias` at a variant's adapter
-        (the named one, else the results' winner). Everything is checked before anything changes."""
+               promote_alias: str | None = None, promote_variant: str | None = None,
+               tenant: str | None = None) -> Experiment:
+        """Change the status and/or the weights, and optionally point `promote_alias` (claimed for `tenant`,
+        None: an admin) at a variant's adapter (the named one, else the results' winner). Everything is
+        checked before anything changes."""
         experiment = self.get(name)
         changed = experiment
         if weights:
             if experiment.status is Status.STOPPED:
                 raise InvalidTransitionError(f"experiment {name!r} is stopped: its weights can no longer change")
             changed = replace(changed, variants=reweighted(changed.variants, weights))
-        now = _now()
+        now = utc_now()
         if status is not None:
             changed = with_status(changed, status, now)
         if promote_alias is not None:
-            changed = replace(changed, promotion=self._promote(experiment, promote_alias, promote_variant, now))
+            promotion = self._promote(experiment, promote_alias, promote_variant, now, tenant)
+            changed = replace(changed, promotion=promotion)
         return self._store.save(replace(changed, updated_at=now))
 
-    def promote(self, name: str, alias: str, variant: str | None = None) -> Experiment:
-        return self.update(name, promote_alias=alias, promote_variant=variant)
+    def promote(self, name: str, alias: str, variant: str | None = None, tenant: str | None = None) -> Experiment:
+        return self.update(name, promote_alias=alias, promote_variant=variant, tenant=tenant)
 
     def delete(self, name: str) -> None:
         """Remove the experiment and its records (its results are gone; the name is free again)."""
@@ -172,25 +177,13 @@ class ExperimentService:
 
     # ---- internals ------------------------------------------------------------------------------
 
-    def _check_free(self, name: str) -> None:
-        """Experiment names share the namespace of `model` strings with the base, adapters and aliases."""
-        check_name(name, "experiment name")
-        if name == self._base_name:
-            raise ExperimentNameConflictError(f"{name!r} is the base model's name")
-        if self._registry.catalogue.latest(name, include_deleted=True) is not None:
-            raise ExperimentNameConflictError(f"{name!r} is an adapter name")
-        try:
-            self._registry.get_alias(name)
-        except AdapterNotFoundError:
-            return
-        raise ExperimentNameConflictError(f"{name!r} is an alias")
-
     def _pin(self, variant: Variant) -> Variant:
         if variant.adapter is None or variant.adapter == self._base_name:
             return replace(variant, adapter=None)
         return replace(variant, adapter=self._registry.resolve(variant.adapter).key)
 
-    def _promote(self, experiment: Experiment, alias: str, variant_name: str | None, now: datetime) -> Promotion:
+    def _promote(self, experiment: Experiment, alias: str, variant_name: str | None, now: datetime,
+                 tenant: str | None) -> Promotion:
         if variant_name is None:
             variant = self._winner(experiment)
         else:
@@ -199,9 +192,7 @@ class ExperimentService:
                 raise InvalidExperimentError(f"experiment {experiment.name!r} has no variant {variant_name!r}")
         if variant.adapter is None:
             raise NotPromotableError(f"variant {variant.name!r} is the bare base; an alias points at an adapter version")
-        if self._store.get(alias) is not None:
-            raise ExperimentNameConflictError(f"{alias!r} is an experiment name")
-        self._registry.set_alias(alias, variant.adapter)
+        self._registry.set_alias(alias, variant.adapter, tenant)  # claims the alias's name
         return Promotion(alias, variant.name, variant.adapter, now)
 
     def _winner(self, experiment: Experiment) -> Variant:
@@ -222,6 +213,3 @@ def _log_failure(future: Future) -> None:
     if future.exception() is not None:
         log.error("recording an experiment outcome failed", exc_info=future.exception())
 
-
-def _now() -> datetime:
-    return datetime.now(UTC)

@@ -4,37 +4,31 @@ Rules the catalogue keeps:
 - A version is immutable. A new one gets max(version of that name, deleted ones included) + 1, so a
   number is never reused, even after every version of the name was deleted.
 - Deleting is soft: the row stays (history, audit) with `deleted_at` set, and stops resolving.
-- Adapter names and aliases share one namespace: an alias may not take a name that has ever had a
-  version (deleted ones included: the name can come back), and an adapter name may not take an alias.
+- Adapter names and aliases are names of the one namespace (server/registry/namespace.py): a version
+  claims its adapter's name and an alias its own in the transaction that writes them, for the calling
+  tenant (None: an admin). Deleting an alias frees its name; an adapter's name stays claimed.
 - An alias is pinned to one version. If that version is deleted the alias stays and fails to resolve,
   saying so, until it is pointed elsewhere.
-Any SQLAlchemy URL works (SQLite for one server, PostgreSQL when replicas share a catalogue).
+Two replicas may pick the same next version at once: the unique constraint refuses one, whose write
+runs again (server/db/database.py) and takes the next number.
 """
 
-import threading
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection
 from dataclasses import asdict, fields
-from datetime import UTC, datetime
+from datetime import datetime
 
-from sqlalchemy import JSON, Engine, BigInteger, DateTime, String, Text, UniqueConstraint, create_engine, func, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy import JSON, BigInteger, String, Text, UniqueConstraint, func, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from server.db import Base, Database, UtcDateTime, utc_now
 from server.read_cache import ReadCache
-from server.registry.errors import AdapterNotFoundError, NameConflictError
-from server.registry.names import adapter_key, check_name, parse_model_ref
+from server.registry.errors import AdapterNotFoundError
+from server.registry.names import adapter_key, parse_model_ref
+from server.registry.namespace import Namespace
 from server.registry.records import AdapterMetadata, AdapterRecord, AdapterSummary, AliasRecord, Page
 
-# Two replicas may pick the same next version at once; the unique constraint refuses one, which retries.
-_VERSION_RETRIES = 5
 
-
-class _Base(DeclarativeBase):
-    pass
-
-
-class _VersionRow(_Base):
+class _VersionRow(Base):
     __tablename__ = "adapter_versions"
     __table_args__ = (UniqueConstraint("name", "version"),)
 
@@ -53,87 +47,63 @@ class _VersionRow(_Base):
     adapted_base_params: Mapped[int] = mapped_column(BigInteger)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     source: Mapped[str] = mapped_column(String(16))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
-class _AliasRow(_Base):
+class _AliasRow(Base):
     __tablename__ = "aliases"
 
     alias: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(64))
     version: Mapped[int]
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class Catalogue:
     """The metadata store. Thread-safe; every method is one transaction and returns frozen records."""
 
-    def __init__(self, url: str):
-        self._engine = create_engine(url)
-        _Base.metadata.create_all(self._engine)
-        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
-        # SQLite refuses a second concurrent writer instead of queueing it: serialise this process's writes.
-        self._write_lock = threading.Lock()
-        self._resolved: ReadCache[str, AdapterRecord] = ReadCache()
-
-    @contextmanager
-    def _writing(self) -> Iterator[Session]:
-        """One write transaction; the remembered resolutions are dropped once it has committed."""
-        with self._resolved.invalidated_after(), self._write_lock, self._sessions.begin() as session:
-            yield session
-
-    @property
-    def engine(self) -> Engine:
-        """The SQLAlchemy engine, for other stores that keep their tables in the same database."""
-        return self._engine
-
-    def close(self) -> None:
-        self._engine.dispose()
+    def __init__(self, db: Database, names: Namespace):
+        self._db = db
+        self._names = names
+        self._resolved: ReadCache[str, AdapterRecord] = db.read_cache(["adapter_versions", "aliases"])
 
     # ---- versions -------------------------------------------------------------------------------
 
-    def add_version(self, name: str, metadata: AdapterMetadata) -> AdapterRecord:
-        """Store `metadata` as the next version of `name`; NameConflictError if an alias has that name."""
-        check_name(name)
-        attempts = 0
-        while True:
-            try:
-                with self._writing() as session:
-                    _refuse_alias(session, name)
-                    newest = select(func.max(_VersionRow.version)).where(_VersionRow.name == name)
-                    last = session.scalar(newest)
-                    values = asdict(metadata) | {"target_modules": list(metadata.target_modules)}
-                    row = _VersionRow(name=name, version=(last or 0) + 1, created_at=_now(), **values)
-                    session.add(row)
-                    session.flush()
-                    return _record(row)
-            except IntegrityError:
-                attempts += 1
-                if attempts == _VERSION_RETRIES:
-                    raise
+    def add_version(self, name: str, metadata: AdapterMetadata, tenant: str | None = None) -> AdapterRecord:
+        """Store `metadata` as the next version of `name`, claimed for `tenant` (None: an admin);
+        InvalidNameError or NameConflictError if the name is not available to it."""
 
-    def check_adapter_name(self, name: str) -> None:
-        """Raise InvalidNameError or NameConflictError (an alias has it) unless `name` can take a version."""
-        check_name(name)
-        with self._sessions() as session:
-            _refuse_alias(session, name)
+        def work(session: Session) -> AdapterRecord:
+            self._names.claim(session, name, "adapter", tenant)
+            last = session.scalar(select(func.max(_VersionRow.version)).where(_VersionRow.name == name))
+            values = asdict(metadata) | {"target_modules": list(metadata.target_modules)}
+            row = _VersionRow(name=name, version=(last or 0) + 1, created_at=utc_now(), **values)
+            session.add(row)
+            session.flush()
+            return _record(row)
+
+        return self._db.write(work)
+
+    def check_adapter_name(self, name: str, tenant: str | None = None) -> None:
+        """Raise what `add_version` would for the name, without writing anything."""
+        self._names.check(name, "adapter", tenant)
 
     def latest(self, name: str, *, include_deleted: bool = False) -> AdapterRecord | None:
         """The newest version of `name` (the newest live one unless `include_deleted`), or None."""
-        with self._sessions() as session:
+        with self._db.read() as session:
             row = _latest_row(session, name, include_deleted)
             return _record(row) if row is not None else None
 
     def get_version(self, name: str, version: int) -> AdapterRecord:
         """One live version; AdapterNotFoundError if it never existed or was deleted."""
-        with self._sessions() as session:
+        with self._db.read() as session:
             return _record(_live_version_row(session, name, version))
 
     def versions(self, name: str) -> list[AdapterRecord]:
         """The live versions of `name`, oldest first (empty if none)."""
-        with self._sessions() as session:
+        with self._db.read() as session:
             rows = session.scalars(_live().where(_VersionRow.name == name).order_by(_VersionRow.version))
             return [_record(r) for r in rows]
 
@@ -143,7 +113,7 @@ class Catalogue:
         live_names = select(_VersionRow.name).where(_VersionRow.deleted_at.is_(None)).distinct()
         if only is not None:
             live_names = live_names.where(_VersionRow.name.in_(list(only)))
-        with self._sessions() as session:
+        with self._db.read() as session:
             total = session.scalar(select(func.count()).select_from(live_names.subquery()))
             names = list(session.scalars(live_names.order_by(_VersionRow.name).limit(limit).offset(offset)))
             rows = session.scalars(
@@ -157,8 +127,9 @@ class Catalogue:
 
     def delete(self, name: str, version: int | None = None) -> list[AdapterRecord]:
         """Soft-delete one version, or every live version of `name`; return what was deleted.
-        AdapterNotFoundError if nothing live matched."""
-        with self._writing() as session:
+        AdapterNotFoundError if nothing live matched. The name stays claimed."""
+
+        def work(session: Session) -> list[AdapterRecord]:
             query = _live().where(_VersionRow.name == name)
             if version is not None:
                 query = query.where(_VersionRow.version == version)
@@ -166,28 +137,31 @@ class Catalogue:
             if not rows:
                 what = name if version is None else adapter_key(name, version)
                 raise AdapterNotFoundError(f"adapter {what!r} not found")
-            now = _now()
+            now = utc_now()
             for row in rows:
                 row.deleted_at = now
             session.flush()
             return [_record(r) for r in rows]
 
+        return self._db.write(work)
+
     # ---- aliases --------------------------------------------------------------------------------
 
-    def set_alias(self, alias: str, name: str, version: int | None = None) -> AliasRecord:
-        """Point `alias` at `name@version` (the newest live version when None), creating or moving it.
-        NameConflictError if `alias` is an adapter name; AdapterNotFoundError if the target is not live."""
-        check_name(alias, "alias")
-        with self._writing() as session:
-            if session.scalar(select(_VersionRow.id).where(_VersionRow.name == alias).limit(1)) is not None:
-                raise NameConflictError(f"{alias!r} is an adapter name; an alias may not shadow it")
+    def set_alias(self, alias: str, name: str, version: int | None = None,
+                  tenant: str | None = None) -> AliasRecord:
+        """Point `alias` at `name@version` (the newest live version when None), creating or moving it,
+        the alias's name claimed for `tenant` (None: an admin). NameConflictError if the name is not
+        available to it; AdapterNotFoundError if the target is not live."""
+
+        def work(session: Session) -> AliasRecord:
+            self._names.claim(session, alias, "alias", tenant)
             if version is None:
                 target = _latest_row(session, name, include_deleted=False)
                 if target is None:
                     raise AdapterNotFoundError(f"adapter {name!r} not found")
             else:
                 target = _live_version_row(session, name, version)
-            now = _now()
+            now = utc_now()
             row = session.get(_AliasRow, alias)
             if row is None:
                 row = _AliasRow(alias=alias, created_at=now)
@@ -196,20 +170,25 @@ class Catalogue:
             session.flush()
             return _alias_record(row)
 
+        return self._db.write(work)
+
     def get_alias(self, alias: str) -> AliasRecord:
-        with self._sessions() as session:
+        with self._db.read() as session:
             return _alias_record(_alias_row(session, alias))
 
     def delete_alias(self, alias: str) -> AliasRecord:
-        """Remove an alias (aliases are pointers: no history is kept); return what it was."""
-        with self._writing() as session:
+        """Remove an alias (aliases are pointers: no history is kept) and free its name; return what it was."""
+
+        def work(session: Session) -> AliasRecord:
             row = _alias_row(session, alias)
-            record = _alias_record(row)
             session.delete(row)
-            return record
+            self._names.free(session, alias, "alias")
+            return _alias_record(row)
+
+        return self._db.write(work)
 
     def list_aliases(self) -> list[AliasRecord]:
-        with self._sessions() as session:
+        with self._db.read() as session:
             return [_alias_record(r) for r in session.scalars(select(_AliasRow).order_by(_AliasRow.alias))]
 
     # ---- resolution -----------------------------------------------------------------------------
@@ -222,7 +201,7 @@ class Catalogue:
 
     def _resolve(self, model: str) -> AdapterRecord:
         ref = parse_model_ref(model)
-        with self._sessions() as session:
+        with self._db.read() as session:
             if ref.version is not None:
                 return _record(_live_version_row(session, ref.name, ref.version))
             alias = session.get(_AliasRow, ref.name)
@@ -237,11 +216,6 @@ class Catalogue:
             if row is None:
                 raise AdapterNotFoundError(f"adapter {ref.name!r} not found")
             return _record(row)
-
-
-def _refuse_alias(session: Session, name: str) -> None:
-    if session.get(_AliasRow, name) is not None:
-        raise NameConflictError(f"{name!r} is an alias; an adapter name may not shadow it")
 
 
 def _live():
@@ -271,19 +245,9 @@ def _alias_row(session: Session, alias: str) -> _AliasRow:
 
 def _record(row: _VersionRow) -> AdapterRecord:
     values = {f.name: getattr(row, f.name) for f in fields(AdapterRecord)}
-    values.update(target_modules=tuple(row.target_modules), created_at=_utc(row.created_at),
-                  deleted_at=_utc(row.deleted_at))
+    values.update(target_modules=tuple(row.target_modules))
     return AdapterRecord(**values)
 
 
 def _alias_record(row: _AliasRow) -> AliasRecord:
-    return AliasRecord(row.alias, row.name, row.version, _utc(row.created_at), _utc(row.updated_at))
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _utc(moment: datetime | None) -> datetime | None:
-    # SQLite keeps no time zone: every stored moment is UTC, so put the zone back on the way out.
-    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+    return AliasRecord(row.alias, row.name, row.version, row.created_at, row.updated_at)

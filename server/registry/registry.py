@@ -19,6 +19,7 @@ import torch
 from server.errors import AdapterValidationError, LoraserveError
 from server.lora.adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, load_lora_adapter
 from server.lora.targets import TargetModule
+from server.db import STATE_DIR
 from server.registry.blob_store import BlobStore, ByteSource, StagedBlob, key_of_directory
 from server.registry.catalogue import Catalogue
 from server.registry.errors import AdapterNotFoundError, PathNotAllowedError
@@ -28,8 +29,6 @@ from server.registry.records import AdapterMetadata, AdapterRecord, AdapterSourc
 from server.registry.single_flight import SingleFlight
 
 log = logging.getLogger(__name__)
-
-STATE_DIR = ".loraserve"  # under adapters_dir; discovery skips dot-directories, so never an adapter
 
 
 class Validator(Protocol):
@@ -68,44 +67,44 @@ class AdapterRegistry:
         self,
         adapters_dir: Path,
         validator: Validator,
+        catalogue: Catalogue,
         *,
-        catalogue_url: str | None = None,
         host_cache_bytes: int = 2 * 1024**3,
         max_upload_bytes: int = 1024**3,
     ):
-        """Open (creating if needed) the store under `adapters_dir/.loraserve/`, removing temporaries a
-        crash left. `catalogue_url` defaults to SQLite in `adapters_dir/.loraserve/catalogue.db`."""
+        """Open (creating if needed) the blob store under `adapters_dir/.loraserve/`, removing temporaries
+        a crash left; metadata goes to `catalogue` (server/db.open_database finds the default one)."""
         self.adapters_dir = Path(adapters_dir).resolve()
         state = self.adapters_dir / STATE_DIR
         state.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(state)
         if cleaned := self.blobs.clean_temp():
             log.info("removed %d temporary upload(s) left by an interrupted run", cleaned)
-        self.catalogue = Catalogue(catalogue_url or f"sqlite:///{state / 'catalogue.db'}")
+        self.catalogue = catalogue
         self.cache = HostCache(host_cache_bytes)
         self.max_upload_bytes = max_upload_bytes
         self._validate = validator
         self._loads = SingleFlight()
 
-    def close(self) -> None:
-        self.catalogue.close()
-
     # ---- adding adapters ------------------------------------------------------------------------
 
     def upload(self, name: str, description: str, config_file: ByteSource, weights_file: ByteSource,
-               source: AdapterSource = "upload", max_bytes: int | None = None) -> AdapterRecord:
-        """Store a new version of `name` from the two files' bytes (bytes, binary file objects or chunk
-        iterables, read in chunks). Raises InvalidNameError, NameConflictError (name is an alias),
-        UploadTooLargeError (above max_upload_bytes, or `max_bytes` when smaller), AdapterValidationError;
-        on any of them nothing is stored."""
-        self.catalogue.check_adapter_name(name)  # before reading a large body for nothing
+               source: AdapterSource = "upload", max_bytes: int | None = None,
+               tenant: str | None = None) -> AdapterRecord:
+        """Store a new version of `name` for `tenant` (None: an admin) from the two files' bytes (bytes,
+        binary file objects or chunk iterables, read in chunks). Raises InvalidNameError,
+        NameConflictError (the name is not available to the caller), UploadTooLargeError (above
+        max_upload_bytes, or `max_bytes` when smaller), AdapterValidationError; on any of them nothing
+        is stored."""
+        self.catalogue.check_adapter_name(name, tenant)  # before reading a large body for nothing
         limit = self.max_upload_bytes if max_bytes is None else min(max_bytes, self.max_upload_bytes)
         staged = self.blobs.stage(config_file, weights_file, limit)
-        return self._add(name, staged, description, source)
+        return self._add(name, staged, description, source, tenant)
 
     def register_directory(self, name: str, path: Path, source: AdapterSource = "disk") -> Registration:
-        """Copy an existing PEFT directory into the store as a new version of `name` (same checks as
-        upload). Idempotent: if the newest live version holds the same files, nothing is added."""
+        """Copy an existing PEFT directory into the store as a new version of `name`, an admins' name
+        (same checks as upload). Idempotent: if the newest live version holds the same files, nothing
+        is added."""
         self.catalogue.check_adapter_name(name)
         path = Path(path)
         missing = [f"{f}: missing in {path}" for f in (CONFIG_FILE, WEIGHTS_FILE) if not (path / f).is_file()]
@@ -191,11 +190,11 @@ class AdapterRegistry:
             self.cache.evict(record.key)
         return deleted
 
-    def set_alias(self, alias: str, target: str) -> AliasRecord:
-        """Point `alias` at `name@version`, or at the newest live version for a bare `name` (pinned
-        then: later versions do not move it)."""
+    def set_alias(self, alias: str, target: str, tenant: str | None = None) -> AliasRecord:
+        """Point `alias` (a name of `tenant`, None: an admin) at `name@version`, or at the newest live
+        version for a bare `name` (pinned then: later versions do not move it)."""
         ref = parse_model_ref(target)
-        return self.catalogue.set_alias(alias, ref.name, ref.version)
+        return self.catalogue.set_alias(alias, ref.name, ref.version, tenant)
 
     def get_alias(self, alias: str) -> AliasRecord:
         return self.catalogue.get_alias(alias)
@@ -208,13 +207,14 @@ class AdapterRegistry:
 
     # ---- internals ------------------------------------------------------------------------------
 
-    def _add(self, name: str, staged: StagedBlob, description: str, source: AdapterSource) -> AdapterRecord:
+    def _add(self, name: str, staged: StagedBlob, description: str, source: AdapterSource,
+             tenant: str | None = None) -> AdapterRecord:
         try:
             adapter = self._validate(staged.directory, name=name)
             self.blobs.commit(staged)
         finally:
             self.blobs.discard(staged)  # after a commit the temporary is already gone
-        record = self.catalogue.add_version(name, _metadata(adapter, staged, description, source))
+        record = self.catalogue.add_version(name, _metadata(adapter, staged, description, source), tenant)
         # The version is known only now: rename the validated adapter to the key the engine uses.
         self.cache.put(replace(adapter, name=record.key))
         return record

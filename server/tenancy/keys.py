@@ -1,21 +1,23 @@
-"""Tenants and API keys in SQL (their own tables on the catalogue's engine).
+"""Tenants and API keys: their tables in the one database (server/db).
 
 A key is `lsk_` + 43 url-safe characters (256 random bits); only its sha256 is stored, with a public id
 (`key_...`) that lists, audits and revokes it. A high-entropy secret needs no slow hash: nobody can
-guess a preimage, and looking it up by its digest costs one index probe.
+guess a preimage, and looking it up by its digest costs one index probe. Every authenticated request
+asks for its key: the answers are kept in memory, dropped at once by this process's key writes (a
+revoked key stops working at the next request) and after a second for other processes' writes.
 """
 
 import hashlib
 import secrets
-import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import DateTime, Engine, String, func, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy import String, func, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from server.db import Base, Database, UtcDateTime, utc_now
+from server.read_cache import ReadCache
 from server.registry.names import check_name
 from server.tenancy.errors import KeyNotFoundError, TenantConflictError, TenantNotFoundError
 
@@ -23,18 +25,14 @@ Role = Literal["admin", "tenant"]
 SECRET_PREFIX = "lsk_"
 
 
-class _Base(DeclarativeBase):
-    pass
-
-
-class _TenantRow(_Base):
+class _TenantRow(Base):
     __tablename__ = "tenants"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
-class _KeyRow(_Base):
+class _KeyRow(Base):
     __tablename__ = "api_keys"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -42,8 +40,8 @@ class _KeyRow(_Base):
     role: Mapped[str] = mapped_column(String(16))
     tenant: Mapped[str | None] = mapped_column(String(64), index=True)
     label: Mapped[str] = mapped_column(String(128))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 @dataclass(frozen=True)
@@ -84,31 +82,31 @@ def digest(secret: str) -> str:
 class KeyStore:
     """Tenants and keys. Thread-safe; every method is one transaction and returns frozen records."""
 
-    def __init__(self, engine: Engine):
-        _Base.metadata.create_all(engine)
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
-        self._write_lock = threading.Lock()  # SQLite refuses concurrent writers instead of queueing them
+    def __init__(self, db: Database):
+        self._db = db
+        self._principals: ReadCache[str, Principal | None] = db.read_cache(["api_keys"])  # by digest
 
     # ---- tenants --------------------------------------------------------------------------------
 
     def create_tenant(self, name: str) -> Tenant:
         check_name(name, "tenant name")
-        try:
-            with self._write_lock, self._sessions.begin() as session:
-                row = _TenantRow(name=name, created_at=_now())
-                session.add(row)
-                session.flush()
-                return Tenant(row.name, _utc(row.created_at))
-        except IntegrityError:
-            raise TenantConflictError(f"tenant {name!r} exists already") from None
+
+        def work(session: Session) -> Tenant:
+            if session.get(_TenantRow, name) is not None:
+                raise TenantConflictError(f"tenant {name!r} exists already")
+            row = _TenantRow(name=name, created_at=utc_now())
+            session.add(row)
+            return Tenant(row.name, row.created_at)
+
+        return self._db.write(work)
 
     def tenants(self) -> list[Tenant]:
-        with self._sessions() as session:
+        with self._db.read() as session:
             rows = session.scalars(select(_TenantRow).order_by(_TenantRow.name))
-            return [Tenant(r.name, _utc(r.created_at)) for r in rows]
+            return [Tenant(r.name, r.created_at) for r in rows]
 
     def tenant_exists(self, name: str) -> bool:
-        with self._sessions() as session:
+        with self._db.read() as session:
             return session.get(_TenantRow, name) is not None
 
     # ---- keys -----------------------------------------------------------------------------------
@@ -119,50 +117,51 @@ class KeyStore:
         if (role == "tenant") != (tenant is not None):
             raise ValueError("a tenant key names its tenant; an admin key names none")
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
-        with self._write_lock, self._sessions.begin() as session:
+
+        def work(session: Session) -> KeyRecord:
             if tenant is not None and session.get(_TenantRow, tenant) is None:
                 raise TenantNotFoundError(f"tenant {tenant!r} not found")
             row = _KeyRow(id="key_" + secrets.token_hex(8), digest=digest(secret), role=role, tenant=tenant,
-                          label=label, created_at=_now())
+                          label=label, created_at=utc_now())
             session.add(row)
-            session.flush()
-            return _key_record(row), secret
+            return _key_record(row)
+
+        return self._db.write(work), secret
 
     def keys(self) -> list[KeyRecord]:
-        with self._sessions() as session:
-            return [_key_record(r) for r in session.scalars(select(_KeyRow).order_by(_KeyRow.created_at, _KeyRow.id))]
+        with self._db.read() as session:
+            rows = session.scalars(select(_KeyRow).order_by(_KeyRow.created_at, _KeyRow.id))
+            return [_key_record(r) for r in rows]
 
     def revoke(self, key_id: str) -> KeyRecord:
         """Revoke a key (at once, for every later request). Revoking twice keeps the first time."""
-        with self._write_lock, self._sessions.begin() as session:
+
+        def work(session: Session) -> KeyRecord:
             row = session.get(_KeyRow, key_id)
             if row is None:
                 raise KeyNotFoundError(f"key {key_id!r} not found")
-            row.revoked_at = row.revoked_at or _now()
-            session.flush()
+            row.revoked_at = row.revoked_at or utc_now()
             return _key_record(row)
 
+        return self._db.write(work)
+
     def authenticate(self, secret: str) -> Principal | None:
-        """The principal of a live key with this secret, or None."""
-        with self._sessions() as session:
-            row = session.scalar(select(_KeyRow).where(_KeyRow.digest == digest(secret)))
+        """The principal of a live key with this secret, or None. Answered from memory."""
+        key = digest(secret)
+        return self._principals.get(key, lambda: self._principal(key))
+
+    def active_keys(self) -> int:
+        with self._db.read() as session:
+            return session.scalar(select(func.count()).select_from(_KeyRow).where(_KeyRow.revoked_at.is_(None)))
+
+    def _principal(self, key_digest: str) -> Principal | None:
+        with self._db.read() as session:
+            row = session.scalar(select(_KeyRow).where(_KeyRow.digest == key_digest))
         if row is None or row.revoked_at is not None:
             return None
         return Principal(row.id, row.role, row.tenant)  # type: ignore[arg-type]
 
-    def active_keys(self) -> int:
-        with self._sessions() as session:
-            return session.scalar(select(func.count()).select_from(_KeyRow).where(_KeyRow.revoked_at.is_(None)))
-
 
 def _key_record(row: _KeyRow) -> KeyRecord:
     return KeyRecord(row.id, row.role, row.tenant, row.label,  # type: ignore[arg-type]
-                     _utc(row.created_at), _utc(row.revoked_at))
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _utc(moment: datetime | None) -> datetime | None:
-    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+                     row.created_at, row.revoked_at)
