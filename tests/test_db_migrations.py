@@ -1,7 +1,7 @@
-"""The one database and its migrations on real SQLite files: a catalogue written by release 0.1.0
-(tests/data/catalogue-v0.1.db, made by tests/data/make_catalogue_v0_1.py) upgrades with every row and
-serves; the baseline is exactly 0.1.0's schema; the head is exactly the tables the code declares; the
-write discipline holds with two writers on one file."""
+"""The one database and its migrations, on real SQLite files and a real PostgreSQL: a catalogue written
+by release 0.1.0 (tests/data/catalogue-v0.1.db, made by tests/data/make_catalogue_v0_1.py) upgrades with
+every row and serves; the baseline is exactly 0.1.0's schema; the head is exactly the tables the code
+declares; the write discipline holds with two writers on one database."""
 
 import json
 import shutil
@@ -13,7 +13,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine
+from sqlalchemy import MetaData, create_engine, inspect, select, text
 
 from server.db import Base, Database
 from server.db import sqlite as db_sqlite
@@ -25,6 +25,7 @@ from server.registry.namespace import Name, Namespace
 from server.registry.records import AdapterMetadata
 from server.tenancy.audit import AuditLog
 from server.tenancy.keys import KeyStore
+from tests.postgres_server import postgres  # noqa: F401  (a fixture)
 
 DATA = Path(__file__).parent / "data"
 V0_1 = DATA / "catalogue-v0.1.db"
@@ -32,20 +33,71 @@ SECRETS = json.loads((DATA / "catalogue-v0.1.secrets.json").read_text())
 HEAD = "0002"
 
 
-@pytest.fixture
-def v0_1(tmp_path) -> Path:
-    """A copy of the 0.1.0 catalogue (opening one converts it to WAL and migrates it: never the original)."""
-    return Path(shutil.copy(V0_1, tmp_path / "catalogue.db"))
+BACKENDS = ["sqlite", "postgresql"]
+TABLES_0_1 = {"adapter_versions", "aliases", "experiments", "experiment_requests", "tenants", "api_keys",
+              "name_owners", "audit_events"}
 
 
-def _rows(path: Path, sql: str) -> list[tuple]:
-    with sqlite3.connect(path) as connection:
-        return connection.execute(sql).fetchall()
+@pytest.fixture(params=BACKENDS)
+def empty_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'catalogue.db'}"
+    return request.getfixturevalue("postgres")()
+
+
+@pytest.fixture(params=BACKENDS)
+def v0_1(request, tmp_path) -> str:
+    """The URL of a catalogue as 0.1.0 left it (no alembic_version): a copy of the fixture file (opening
+    one converts it to WAL and migrates it: never the original), or its rows in PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{shutil.copy(V0_1, tmp_path / 'catalogue.db')}"
+    url = request.getfixturevalue("postgres")()
+    _load_0_1(url)
+    return url
+
+
+def _load_0_1(url: str) -> None:
+    """The 0.1.0 tables (the baseline's, which are 0.1.0's DDL) holding the fixture file's rows."""
+    source, engine = create_engine(f"sqlite:///{V0_1}"), create_engine(url)
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0001")
+        connection.execute(text("DROP TABLE alembic_version"))
+        connection.execute(text("SET TIME ZONE 'UTC'"))  # 0.1.0's SQLite moments are naive UTC
+        tables, target = MetaData(), MetaData()
+        tables.reflect(source)
+        target.reflect(connection)
+        with source.connect() as reading:
+            for table in tables.sorted_tables:
+                rows = [dict(row._mapping) for row in reading.execute(select(table))]
+                connection.execute(target.tables[table.name].insert(), rows)
+        for table in ("adapter_versions", "experiments", "audit_events"):  # as if the rows were inserted
+            connection.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), max(id)) FROM {table}"))
+    source.dispose()
+    engine.dispose()
+
+
+def _rows(url: str, sql: str) -> list[tuple]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(text(sql))]
+    finally:
+        engine.dispose()
+
+
+def _tables(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
 
 
 def _schema(path: Path) -> dict[str, str]:
     """Every table's and index's DDL as SQLite keeps it, but Alembic's own table."""
-    return dict(_rows(path, "SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL AND name != 'alembic_version'"))
+    with sqlite3.connect(path) as connection:
+        return dict(connection.execute(
+            "SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL AND name != 'alembic_version'"))
 
 
 def _metadata(blob: str = "f") -> AdapterMetadata:
@@ -57,9 +109,9 @@ def _metadata(blob: str = "f") -> AdapterMetadata:
 def test_a_0_1_catalogue_upgrades_with_every_row_and_serves(v0_1):
     before = {table: _rows(v0_1, f"SELECT count(*) FROM {table}")[0][0] for table in (
         "adapter_versions", "aliases", "experiments", "experiment_requests", "tenants", "api_keys", "audit_events")}
-    assert "alembic_version" not in _schema(v0_1) and all(before.values())
+    assert _tables(v0_1) == TABLES_0_1 and all(before.values())
 
-    database = Database(f"sqlite:///{v0_1}")
+    database = Database(v0_1)
     try:
         assert _rows(v0_1, "SELECT version_num FROM alembic_version") == [(HEAD,)]
         assert {t: _rows(v0_1, f"SELECT count(*) FROM {t}")[0][0] for t in before} == before
@@ -78,7 +130,7 @@ def test_a_0_1_catalogue_upgrades_with_every_row_and_serves(v0_1):
         catalogue, keys = Catalogue(database, names), KeyStore(database)
         experiments, audit = ExperimentStore(database, names), AuditLog(database)
         # name_owners became `names`: every adapter (deleted ones too), alias and experiment, with its owner
-        assert "name_owners" not in _schema(v0_1)
+        assert _tables(v0_1) == TABLES_0_1 - {"name_owners"} | {"names", "alembic_version"}
         assert {n: names.get(n) for n in ("support-bot", "old-bot", "acme-bot", "shared", "prod", "acme-prod",
                                           "acme-exp")} == {
             "support-bot": Name("support-bot", "adapter", None, False),
@@ -118,7 +170,7 @@ def test_a_0_1_catalogue_upgrades_with_every_row_and_serves(v0_1):
             catalogue.set_alias("old-bot", "support-bot")
     finally:
         database.close()
-    assert len(_rows(V0_1, "SELECT * FROM adapter_versions")) == 5, "the fixture itself is never changed"
+    assert _rows(f"sqlite:///{V0_1}", "SELECT count(*) FROM adapter_versions") == [(5,)], "the fixture is never changed"
 
 
 def test_the_baseline_is_exactly_the_0_1_schema(tmp_path):
@@ -130,10 +182,8 @@ def test_the_baseline_is_exactly_the_0_1_schema(tmp_path):
     assert _schema(path) == _schema(V0_1)
 
 
-@pytest.mark.parametrize("start", ["fresh", "v0.1"])
-def test_the_head_is_exactly_the_tables_the_code_declares(tmp_path, v0_1, start):
-    path = tmp_path / "fresh.db" if start == "fresh" else v0_1
-    database = Database(f"sqlite:///{path}")
+def _assert_head_matches_the_code(url: str) -> None:
+    database = Database(url)
     try:
         with database.engine.connect() as connection:
             assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
@@ -141,12 +191,22 @@ def test_the_head_is_exactly_the_tables_the_code_declares(tmp_path, v0_1, start)
         database.close()
 
 
+def test_a_fresh_database_is_exactly_the_tables_the_code_declares(empty_url):
+    _assert_head_matches_the_code(empty_url)
+
+
+def test_an_upgraded_0_1_catalogue_is_exactly_the_tables_the_code_declares(v0_1):
+    _assert_head_matches_the_code(v0_1)
+
+
 def test_a_partial_0_1_catalogue_gets_the_tables_it_lacked(v0_1):
     """`loraserve keys` of 0.1.0 opened only the adapters' and the keys' stores, so made only their tables."""
-    with sqlite3.connect(v0_1) as connection:
+    engine = create_engine(v0_1)
+    with engine.begin() as connection:
         for table in ("experiment_requests", "experiments", "audit_events", "name_owners"):
-            connection.execute(f"DROP TABLE {table}")
-    database = Database(f"sqlite:///{v0_1}")
+            connection.execute(text(f"DROP TABLE {table}"))
+    engine.dispose()
+    database = Database(v0_1)
     try:
         names = Namespace(database)
         assert ExperimentStore(database, names).all() == [] and AuditLog(database).events()[1] == 0
@@ -158,24 +218,26 @@ def test_a_partial_0_1_catalogue_gets_the_tables_it_lacked(v0_1):
 
 def test_downgrading_the_namespace_gives_name_owners_back(v0_1):
     owners = _rows(v0_1, "SELECT name, tenant, public FROM name_owners ORDER BY name")
-    Database(f"sqlite:///{v0_1}").close()
-    engine = create_engine(f"sqlite:///{v0_1}")
-    db_sqlite.configure(engine)
-    with engine.execution_options(**{db_sqlite.WRITE_OPTION: True}).begin() as connection:
+    database = Database(v0_1)
+    with database.engine.begin() as connection:
         command.downgrade(alembic_config(connection), "0001")
-    engine.dispose()
+    database.close()
     assert _rows(v0_1, "SELECT name, tenant, public FROM name_owners ORDER BY name") == owners
-    assert _schema(v0_1) == _schema(V0_1)
+    assert _tables(v0_1) == TABLES_0_1 | {"alembic_version"}
+    if v0_1.startswith("sqlite"):
+        assert _schema(Path(v0_1.removeprefix("sqlite:///"))) == _schema(V0_1)
 
 
-def test_sqlite_runs_in_wal_mode_and_two_writers_on_one_file_wait_for_each_other(tmp_path):
-    """Two Database objects stand for two processes (each has its own lock): every write transaction
-    takes the file's write lock before it reads, so none fails with 'database is locked' and no version
-    number is taken twice."""
-    url = f"sqlite:///{tmp_path / 'catalogue.db'}"
+def test_two_writers_on_one_database_wait_for_each_other(empty_url):
+    """Two Database objects stand for two processes (each has its own lock). On SQLite (in WAL mode) every
+    write transaction takes the file's write lock before it reads, so none fails with 'database is
+    locked'; on PostgreSQL a writer that lost a race for a version number runs again. No number is
+    taken twice."""
+    url = empty_url
     databases = [Database(url), Database(url)]
     try:
-        assert _rows(tmp_path / "catalogue.db", "PRAGMA journal_mode") == [("wal",)]
+        if url.startswith("sqlite"):
+            assert _rows(url, "PRAGMA journal_mode") == [("wal",)]
         catalogues = [Catalogue(d, Namespace(d)) for d in databases]
         errors, versions = [], []
 

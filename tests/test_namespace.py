@@ -1,5 +1,5 @@
 """One namespace of `model` strings (adapter names, aliases, experiment names) with one claim: in the
-stores on a real SQLite file, and over HTTP with auth off, where every caller is an admin and release
+stores on a real SQLite file and a real PostgreSQL, and over HTTP with auth off, where every caller is an admin and release
 0.1.0 let an adapter or an alias take a running experiment's name (which then hid it)."""
 
 import shutil
@@ -18,6 +18,7 @@ from server.registry.catalogue import Catalogue
 from server.registry.errors import AdapterNotFoundError, NameConflictError
 from server.registry.namespace import Name, Namespace
 from server.registry.records import AdapterMetadata
+from tests.postgres_server import postgres  # noqa: F401  (a fixture)
 from tests.server_harness import RunningServer
 
 METADATA = AdapterMetadata(blob_key="a" * 64, weights_sha256="b" * 64, description="", rank=4, alpha=8.0,
@@ -31,9 +32,12 @@ def _experiment(name: str) -> Experiment:
                       now, now, started_at=now)
 
 
-@pytest.fixture
-def stores(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'catalogue.db'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def stores(request, tmp_path):
+    if request.param == "sqlite":
+        database = Database(f"sqlite:///{tmp_path / 'catalogue.db'}")
+    else:
+        database = Database(request.getfixturevalue("postgres")())
     names = Namespace(database, reserved={"base"})
     yield names, Catalogue(database, names), ExperimentStore(database, names)
     database.close()

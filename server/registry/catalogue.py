@@ -9,8 +9,9 @@ Rules the catalogue keeps:
   tenant (None: an admin). Deleting an alias frees its name; an adapter's name stays claimed.
 - An alias is pinned to one version. If that version is deleted the alias stays and fails to resolve,
   saying so, until it is pointed elsewhere.
-Two replicas may pick the same next version at once: the unique constraint refuses one, whose write
-runs again (server/db/database.py) and takes the next number.
+Two replicas adding versions of one name take turns: the claim locks the name's row first. Should two
+still collide (the name's very first version, before its row exists), the unique constraint refuses
+one, whose write runs again (server/db/database.py) and takes the next number.
 """
 
 from collections.abc import Collection

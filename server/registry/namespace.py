@@ -5,7 +5,8 @@ Invariants:
 - A name has one kind (adapter | alias | experiment) and one owner: a tenant, or None for the admins
   (hand-placed and CLI adapters, whatever an admin or a server without auth creates).
 - `claim` runs inside the transaction that creates the thing named, so a name is taken exactly when its
-  thing exists. It refuses a reserved name (the base model's), a name of another kind, a tenant's
+  thing exists, and locks the name until it commits: two replicas adding versions of one adapter take
+  turns instead of racing for the next number. It refuses a reserved name (the base model's), a name of another kind, a tenant's
   claim on a name it does not own, and an experiment over an existing one. Admins may add to any name
   of the kind it has (a new version, a moved alias); the owner stays.
 - A tenant is never told whose a name is: every refusal it gets reads "name 'x' is not available".
@@ -69,9 +70,11 @@ class Namespace:
 
     def claim(self, session: Session, name: str, kind: Kind, tenant: str | None) -> None:
         """Take `name` for a `kind` thing of `tenant` (None: an admin) within the write transaction
-        `session` that creates it; NameConflictError if the name is not available to it."""
+        `session` that creates it; NameConflictError if the name is not available to it. The name's row
+        stays locked until that transaction ends (PostgreSQL: FOR UPDATE; SQLite has one writer anyway),
+        so everything written under one name is written one transaction after the other."""
         check_name(name, _label(kind))
-        row = session.get(_NameRow, name)
+        row = session.get(_NameRow, name, with_for_update=True)
         self._refuse(name, kind, tenant, _name(row) if row is not None else None)
         if row is None:
             session.add(_NameRow(name=name, kind=kind, tenant=tenant, public=False, created_at=utc_now()))
