@@ -46,7 +46,8 @@ class Database:
     """Thread-safe. Read with `with db.read() as session`; write with `db.write(work)`."""
 
     def __init__(self, url: str):
-        """Connect and upgrade the schema to the newest revision."""
+        """Connect and upgrade the schema to the newest revision. `url`: a SQLite file or a database
+        server (an in-memory SQLite database would be a different one on every thread)."""
         self.engine = create_engine(url)
         is_sqlite = self.engine.dialect.name == "sqlite"
         if is_sqlite:

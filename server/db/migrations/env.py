@@ -10,6 +10,8 @@ import server.tenancy.audit  # noqa: F401
 import server.tenancy.keys  # noqa: F401
 from server.db.database import Base
 
-context.configure(connection=context.config.attributes["connection"], target_metadata=Base.metadata)
+# Transactional DDL on both: PostgreSQL's is, and on SQLite server/db/sqlite.py emits the BEGIN itself.
+context.configure(connection=context.config.attributes["connection"], target_metadata=Base.metadata,
+                  transactional_ddl=True)
 with context.begin_transaction():
     context.run_migrations()
