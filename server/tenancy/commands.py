@@ -3,7 +3,6 @@
 
 import argparse
 import json
-from pathlib import Path
 
 from server.settings_cli import add_settings_flags, settings_from_args
 
@@ -23,18 +22,15 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.registry.catalogue import Catalogue
-    from server.registry.registry import STATE_DIR  # imports torch: only when a keys command runs
+    from server.db import open_database
     from server.tenancy.keys import KeyStore
 
     settings = settings_from_args(args)
-    state = Path(settings.adapters_dir) / STATE_DIR
-    state.mkdir(parents=True, exist_ok=True)
-    catalogue = Catalogue(settings.catalogue_url or f"sqlite:///{state.resolve() / 'catalogue.db'}")
+    database = open_database(settings.adapters_dir, settings.catalogue_url)
     try:
-        return _ACTIONS[args.action](KeyStore(catalogue.engine), args)
+        return _ACTIONS[args.action](KeyStore(database), args)
     finally:
-        catalogue.close()
+        database.close()
 
 
 def _create(store, args: argparse.Namespace) -> int:
