@@ -130,11 +130,11 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
     state = app_state(request)
     if body.echo:
         raise ApiError(400, "echo is not supported", param="echo", code="unsupported_parameter")
-    params = _sampling(body, body.max_tokens, body.logprobs)
+    params = _sampling(body, body.token_limit(), body.logprobs)
     prompts = body.prompts()
     response_id = f"cmpl-{request.state.request_id}"
     choices, target = await _run(
-        request, state, body, prompts, params, "completions", body.max_tokens * body.n * len(prompts),
+        request, state, body, prompts, params, "completions", params.max_tokens * body.n * len(prompts),
         lambda outputs: _completion_chunks(state, outputs, response_id, body, len(prompts) * body.n))
     if isinstance(choices, StreamingResponse):
         return choices

@@ -6,6 +6,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from server.engine.sequence import SEED_RANGE
 
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # The longest `model` string that can name anything: a 64-character name, '@' and a version number.
 MAX_MODEL_LENGTH = 96
 
@@ -56,9 +57,13 @@ class _SamplingFields(_Request):
 
 class CompletionRequest(_SamplingFields):
     prompt: Text | list[Text] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(DEFAULT_COMPLETION_MAX_TOKENS, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
+
+    def token_limit(self) -> int:
+        """OpenAI's completions read an explicit null as the default."""
+        return self.max_tokens if self.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
 
     @field_validator("prompt")
     @classmethod
