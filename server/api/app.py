@@ -130,7 +130,6 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             app.state.loraserve = None
             await asyncio.to_thread(state.engine.stop)
-            await asyncio.to_thread(state.experiments.close)
             state.database.close()
 
     app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan)

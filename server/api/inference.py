@@ -47,7 +47,7 @@ class InferenceService:
             streams = await self._submit_all(prompts, params, n, target, tenant)
         except Exception as exc:
             if target.experiment is not None:
-                self.experiments.record_outcome(target.experiment, refusal(exc))
+                await self.experiments.record_outcome(target.experiment, refusal(exc))
             raise
         return self._merged(streams, target, endpoint)
 
@@ -99,7 +99,7 @@ class InferenceService:
                 stream.close()
             timing.finish()
             if target.experiment is not None:
-                self.experiments.record_outcome(target.experiment, _outcome(last, len(streams), timing))
+                await self.experiments.record_outcome(target.experiment, _outcome(last, len(streams), timing))
 
     def _record_finish(self, output: RequestOutput, label: str, endpoint: str) -> None:
         reason = output.finish_reason or FinishReason.ABORT

@@ -44,7 +44,7 @@ class ModelResolver:
         try:
             target = await self._resolve_model(assignment.adapter or self.base_name)
         except Exception as exc:  # e.g. the variant's adapter version was deleted: an error of that variant
-            self._experiments.record_outcome(assignment, refusal(exc))
+            await self._experiments.record_outcome(assignment, refusal(exc))
             raise
         return replace(target, model=experiment.name, experiment=assignment)
 

@@ -13,7 +13,7 @@ from server.api.auth import caller
 from server.api.state import AppState, app_state
 from server.experiments.model import AssignmentKey, Experiment, Status, Variant
 from server.experiments.results import Results, VariantResult
-from server.experiments.service import DEFAULT_MIN_SAMPLES
+from server.experiments.service import DEFAULT_MIN_SAMPLES, MAX_ABS_SCORE, MAX_MIN_SAMPLES
 
 router = APIRouter(tags=["experiments"])
 
@@ -39,7 +39,8 @@ class CreateExperimentBody(_Body):
     status: Status = Field(Status.DRAFT, description="draft or running")
     assignment_key: AssignmentKey = Field("user", description="user: the `user` field, else the X-Experiment-Key "
                                                               "header; header: that header only; random")
-    min_samples: int = Field(DEFAULT_MIN_SAMPLES, ge=2, description="scored requests per variant before a verdict")
+    min_samples: int = Field(DEFAULT_MIN_SAMPLES, ge=2, le=MAX_MIN_SAMPLES,
+                             description="scored requests per variant before a verdict")
 
 
 class PromoteBody(_Body):
@@ -55,8 +56,8 @@ class UpdateExperimentBody(_Body):
 
 class FeedbackBody(_Body):
     request_id: str = Field(min_length=1, max_length=256, description="the request id or the response id")
-    score: StrictBool | Annotated[float, Field(allow_inf_nan=False)] = Field(
-        description="binary (true/false, 1/0) or numeric; higher is better")
+    score: StrictBool | Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_SCORE, le=MAX_ABS_SCORE)] = Field(
+        description="binary (true/false, 1/0) or numeric within ±1e9; higher is better")
 
 
 @router.post("/v1/experiments", status_code=201)
@@ -139,7 +140,8 @@ async def feedback(request: Request, body: FeedbackBody) -> dict:
     """Score the response of one experiment request, once."""
     state, who = app_state(request), caller(request)
     allowed = None if who.is_admin else (lambda experiment: state.access.owns(who, experiment))
-    assignment = await asyncio.to_thread(state.experiments.feedback, body.request_id, float(body.score), allowed)
+    assignment = await asyncio.to_thread(state.experiments.feedback, body.request_id, float(body.score),
+                                         who.tenant, allowed)
     return {"request_id": assignment.request_id, "experiment": assignment.experiment,
             "variant": assignment.variant, "score": float(body.score)}
 

@@ -56,7 +56,7 @@ async def _collect(outputs: AsyncIterator[ChoiceOutput], count: int) -> list[_Ch
 
 
 def _caller(request: Request, user: str | None) -> Caller:
-    return Caller(request.state.request_id, user, request.headers.get(EXPERIMENT_KEY_HEADER))
+    return Caller(request.state.request_id, user, request.headers.get(EXPERIMENT_KEY_HEADER), caller(request).tenant)
 
 
 def _variant_header(target: Target) -> dict[str, str]:

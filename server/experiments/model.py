@@ -66,6 +66,7 @@ class Caller:
     request_id: str  # the middleware's id; responses are `cmpl-<id>` / `chatcmpl-<id>`
     user: str | None = None  # the OpenAI `user` field
     header_key: str | None = None  # the X-Experiment-Key header
+    tenant: str | None = None  # whose request (None: an admin's): request ids are recorded per tenant
 
 
 @dataclass(frozen=True)

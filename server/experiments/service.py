@@ -1,16 +1,19 @@
 """ExperimentService: the one object the app talks to about experiments. Definitions and their lifecycle,
 routing a request to a variant, outcomes and feedback, results, and promoting the winner to an alias.
 
-Outcomes are written by one background thread, in order, so the response path never waits on the
-database after the response has started; `results` first waits for that queue to drain, so a result read
-after a response was received always counts it.
+A request's outcome is written before its response is acknowledged (the last byte of a response, or
+the error answer of a refused request, goes out after the write committed), so a crash right after a
+response cannot lose it, and results read after a response always count it.
+
+Request ids are recorded per tenant: two tenants may send the same X-Request-ID (each may score only its
+own); admins' requests are recorded under the bare id.
 """
 
+import asyncio
 import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime
 from typing import Protocol
@@ -46,6 +49,9 @@ from server.registry.registry import AdapterRegistry
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_SAMPLES = 30
+MAX_MIN_SAMPLES = 1_000_000
+MAX_ABS_SCORE = 1e9  # feedback beyond this is refused: sums and variances of scores must stay finite
+_REQUEST_ID_COLUMN = 128  # experiment_requests.request_id
 # Feedback may name the bare request id or the response id built from it.
 RESPONSE_ID_PREFIXES = ("cmpl-", "chatcmpl-")
 
@@ -65,11 +71,6 @@ class ExperimentService:
         self._registry = registry
         self._base_name = base_name
         self._observer = observer
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experiment-outcomes")
-
-    def close(self) -> None:
-        """Write the outcomes still queued, then stop the writer."""
-        self._writer.shutdown(wait=True)
 
     # ---- definitions ----------------------------------------------------------------------------
 
@@ -83,8 +84,9 @@ class ExperimentService:
         check_name(name, "experiment name")
         if status not in (Status.DRAFT, Status.RUNNING):
             raise InvalidExperimentError(f"an experiment starts as draft or running, not {status.value}")
-        if min_samples < 2:
-            raise InvalidExperimentError("min_samples must be at least 2 (a variance needs two values)")
+        if not 2 <= min_samples <= MAX_MIN_SAMPLES:
+            raise InvalidExperimentError(f"min_samples must be in [2, {MAX_MIN_SAMPLES}] "
+                                         "(a variance needs two values)")
         check_variants(tuple(variants))
         pinned = tuple(self._pin(v) for v in variants)
         now = utc_now()
@@ -143,35 +145,41 @@ class ExperimentService:
             raise ExperimentNotRunningError(not_running_message(experiment))
         key = key_for(experiment.assignment_key, caller)
         variant = choose(experiment.variants, key or uuid4().hex, salt=experiment.name)
-        assignment = Assignment(experiment.name, variant.name, variant.adapter, caller.request_id)
+        assignment = Assignment(experiment.name, variant.name, variant.adapter,
+                                _recorded_id(caller.tenant, caller.request_id))
         self._store.add_request(assignment, _stored_key(key))
         return assignment
 
-    def record_outcome(self, assignment: Assignment, outcome: Outcome) -> None:
-        """Count the outcome now and queue its write (never blocks the caller)."""
+    async def record_outcome(self, assignment: Assignment, outcome: Outcome) -> None:
+        """Count the outcome and write it; returns once the write committed. Shielded: a caller that is
+        cancelled meanwhile (its client left) does not cancel the write."""
         if self._observer is not None:
             self._observer.outcome(assignment, outcome)
+        write = asyncio.to_thread(self._store.finish_request, assignment.request_id, outcome)
         try:
-            write = self._writer.submit(self._store.finish_request, assignment.request_id, outcome)
-        except RuntimeError:  # a stream that outlived the shutdown's grace period
-            log.warning("outcome of request %s not recorded: shutting down", assignment.request_id)
-            return
-        write.add_done_callback(_log_failure)
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("recording the outcome of request %s failed", assignment.request_id)
 
-    def feedback(self, request_id: str, score: float, allowed: Callable[[str], bool] | None = None) -> Assignment:
-        """Attach a score (binary as 0/1, or any finite number) to the request's variant, once.
-        `request_id` is the bare id or the response id (`cmpl-<id>`, `chatcmpl-<id>`); a request of an
-        experiment whose name is not `allowed` answers as an unknown one."""
-        if not math.isfinite(score):
-            raise ValueError("score must be a finite number")
+    def feedback(self, request_id: str, score: float, tenant: str | None = None,
+                 allowed: Callable[[str], bool] | None = None) -> Assignment:
+        """Attach a score (binary as 0/1, or a finite number within ±MAX_ABS_SCORE) to the request's
+        variant, once. `request_id` is the bare id or the response id (`cmpl-<id>`, `chatcmpl-<id>`) of a
+        request of `tenant`; a request of an experiment whose name is not `allowed` answers as an
+        unknown one."""
+        if not (math.isfinite(score) and abs(score) <= MAX_ABS_SCORE):
+            raise InvalidExperimentError(f"score must be a finite number within ±{MAX_ABS_SCORE:g}")
         bare = [request_id.removeprefix(p) for p in RESPONSE_ID_PREFIXES if request_id.startswith(p)]
-        assignment = self._store.score([request_id, *bare], float(score), allowed)
+        spellings = {_recorded_id(tenant, i): i for i in (request_id, *bare)}  # recorded key -> the caller's id
+        assignment = self._store.score(list(spellings), float(score), allowed)
+        assignment = replace(assignment, request_id=spellings[assignment.request_id])
         if self._observer is not None:
             self._observer.feedback(assignment, float(score))
         return assignment
 
     def results(self, name: str) -> Results:
-        self._writer.submit(lambda: None).result()  # outcomes queued before this call are written
         experiment = self.get(name)
         return analyse(experiment, self._store.records(name))
 
@@ -209,7 +217,13 @@ def _stored_key(key: str | None) -> str | None:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
-def _log_failure(future: Future) -> None:
-    if future.exception() is not None:
-        log.error("recording an experiment outcome failed", exc_info=future.exception())
+def _recorded_id(tenant: str | None, request_id: str) -> str:
+    """The key a request is recorded under: the bare id for admins, `tenant/id` for a tenant (tenant
+    names hold no '/'), hashed when that would not fit the column."""
+    if tenant is None:
+        return request_id
+    scoped = f"{tenant}/{request_id}"
+    if len(scoped) <= _REQUEST_ID_COLUMN:
+        return scoped
+    return f"{tenant}/sha256:{hashlib.sha256(request_id.encode()).hexdigest()}"[:_REQUEST_ID_COLUMN]
 
