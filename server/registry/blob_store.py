@@ -97,6 +97,24 @@ class BlobStore:
     def discard(self, staged: StagedBlob) -> None:
         shutil.rmtree(staged.directory, ignore_errors=True)
 
+    def remove(self, key: str) -> None:
+        """Delete a committed blob: renamed into tmp/ first (one atomic step: no reader sees half of it),
+        then removed. Removing a blob that is not there does nothing."""
+        doomed = Path(tempfile.mkdtemp(prefix="remove-", dir=self.tmp))
+        try:
+            os.rename(self.path(key), doomed / key)
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def keys(self) -> dict[str, float]:
+        """Every committed blob's key with the time it was committed (its directory's mtime)."""
+        return {entry.name: entry.stat().st_mtime for entry in self.blobs.iterdir() if _KEY.fullmatch(entry.name)}
+
+    def size_bytes(self) -> int:
+        """Bytes of every committed blob's files."""
+        return sum(f.stat().st_size for f in self.blobs.glob("*/*") if f.is_file())
+
 
 def key_of_directory(directory: Path) -> str:
     """The key a PEFT directory's two files would be stored under, read in chunks, nothing copied."""

@@ -108,6 +108,14 @@ class Catalogue:
             rows = session.scalars(_live().where(_VersionRow.name == name).order_by(_VersionRow.version))
             return [_record(r) for r in rows]
 
+    def live_blob_keys(self, among: Collection[str] | None = None) -> set[str]:
+        """The blob keys that live versions use (only those in `among`, if given)."""
+        query = select(_VersionRow.blob_key).where(_VersionRow.deleted_at.is_(None)).distinct()
+        if among is not None:
+            query = query.where(_VersionRow.blob_key.in_(list(among)))
+        with self._db.read() as session:
+            return set(session.scalars(query))
+
     def list_adapters(self, limit: int = 50, offset: int = 0, only: Collection[str] | None = None) -> Page:
         """Names with at least one live version (among `only`, if given), ordered by name, `limit` of
         them from `offset`."""

@@ -3,11 +3,18 @@
 Ties the blob store (files), the catalogue (metadata) and the host cache (loaded adapters) together.
 The order of an upload makes it atomic from the outside: stage the bytes to a private temporary,
 validate them fully against the base, commit the blob (one rename), then add the catalogue row. A
-failure before the row leaves nothing visible; a crash between the rename and the row leaves at most an
-unreferenced blob, which is harmless (same content, same key, reused by the next identical upload).
+failure before the row leaves nothing visible; a refused row removes the blob again (unless a live
+version uses the same content); a crash between the rename and the row leaves an unreferenced blob,
+which the next start sweeps once it is an hour old (a replica sharing the store may be between the two
+steps of its own upload).
+
+Blobs are garbage: deleting a version removes its blob once no live version uses it, so upload/delete
+cycles leave the disk as it was. Within a process, one lock orders "commit blob + add row" against
+"delete rows + remove unused blobs", so a removal never races an upload of the same content.
 """
 
 import logging
+import threading
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, replace
@@ -85,6 +92,9 @@ class AdapterRegistry:
         self.max_upload_bytes = max_upload_bytes
         self._validate = validator
         self._loads = SingleFlight()
+        self._blob_lock = threading.Lock()  # see the module docstring
+        if swept := self.sweep_unused_blobs():
+            log.info("removed %d blob(s) that no live adapter version uses", swept)
 
     # ---- adding adapters ------------------------------------------------------------------------
 
@@ -185,10 +195,20 @@ class AdapterRegistry:
     def delete(self, name: str, version: int | None = None) -> list[AdapterRecord]:
         """Soft-delete one version or all live versions of `name` and drop them from the host cache
         (the engine's device copies are the app's to drop). AdapterNotFoundError if none was live."""
-        deleted = self.catalogue.delete(name, version)
+        with self._blob_lock:
+            deleted = self.catalogue.delete(name, version)
+            self._remove_unused({record.blob_key for record in deleted})
         for record in deleted:
             self.cache.evict(record.key)
         return deleted
+
+    def sweep_unused_blobs(self, min_age_s: float = 3600.0) -> int:
+        """Remove blobs no live version uses that were committed at least `min_age_s` ago (younger ones
+        may belong to an upload between its blob and its row, in a replica sharing the store)."""
+        cutoff = time.time() - min_age_s
+        with self._blob_lock:
+            old = {key for key, committed in self.blobs.keys().items() if committed <= cutoff}
+            return self._remove_unused(old)
 
     def set_alias(self, alias: str, target: str, tenant: str | None = None) -> AliasRecord:
         """Point `alias` (a name of `tenant`, None: an admin) at `name@version`, or at the newest live
@@ -211,13 +231,26 @@ class AdapterRegistry:
              tenant: str | None = None) -> AdapterRecord:
         try:
             adapter = self._validate(staged.directory, name=name)
-            self.blobs.commit(staged)
+            with self._blob_lock:
+                self.blobs.commit(staged)
+                try:
+                    record = self.catalogue.add_version(name, _metadata(adapter, staged, description, source),
+                                                        tenant)
+                except BaseException:
+                    self._remove_unused({staged.key})
+                    raise
         finally:
             self.blobs.discard(staged)  # after a commit the temporary is already gone
-        record = self.catalogue.add_version(name, _metadata(adapter, staged, description, source), tenant)
         # The version is known only now: rename the validated adapter to the key the engine uses.
         self.cache.put(replace(adapter, name=record.key))
         return record
+
+    def _remove_unused(self, keys: set[str]) -> int:
+        """Remove those of `keys` that no live version uses (call with the blob lock held)."""
+        unused = keys - self.catalogue.live_blob_keys(keys) if keys else set()
+        for key in unused:
+            self.blobs.remove(key)
+        return len(unused)
 
     def _read(self, record: AdapterRecord) -> LoraAdapter:
         cached = self.cache.peek(record.key)  # a load that finished since our miss left it here
