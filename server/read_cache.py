@@ -20,13 +20,16 @@ class ReadCache(Generic[K, V]):
     """`get(key, load)` answers from memory, or loads and remembers; `invalidate()` after every write.
 
     A load that overlapped a write is returned but not remembered (the generation moved), so a reader
-    can never put back an answer from before the write. Exceptions are not remembered."""
+    can never put back an answer from before the write. Exceptions are not remembered. Keys come from
+    clients: at most `max_entries` are kept, and a string key longer than `max_key_chars` (longer than
+    anything a store could hold) is answered but never kept, so the copy stays bounded in bytes."""
 
-    def __init__(self, max_entries: int = 4096, max_age_s: float = 1.0):
+    def __init__(self, max_entries: int = 4096, max_age_s: float = 1.0, max_key_chars: int = 256):
         self._values: dict[K, tuple[float, V]] = {}  # key -> (when loaded, answer)
         self._generation = 0
-        self._max_entries = max_entries  # keys come from clients: bound what unknown names can fill
+        self._max_entries = max_entries
         self._max_age_s = max_age_s
+        self._max_key_chars = max_key_chars
 
     def get(self, key: K, load: Callable[[], V]) -> V:
         now = time.monotonic()
@@ -35,6 +38,8 @@ class ReadCache(Generic[K, V]):
             return remembered[1]
         generation = self._generation
         value = load()
+        if isinstance(key, str) and len(key) > self._max_key_chars:
+            return value
         if generation == self._generation:
             if len(self._values) >= self._max_entries:
                 self._values = {}

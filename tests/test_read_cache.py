@@ -36,3 +36,13 @@ def test_answers_expire_so_other_processes_writes_are_seen():
     assert cache.get("k", lambda: store["k"]) == 1, "fresh answers come from memory"
     time.sleep(0.06)
     assert cache.get("k", lambda: store["k"]) == 2
+
+
+def test_keys_longer_than_any_name_are_answered_but_never_kept():
+    cache: ReadCache[str, None] = ReadCache(max_key_chars=256)
+    loads = []
+    for i in range(3):
+        assert cache.get("x" * 1_500_000, lambda i=i: loads.append(i)) is None
+    assert loads == [0, 1, 2] and cache._values == {}, "a 1.5 MB key must not stay in memory"
+    cache.get("short", lambda: None)
+    assert list(cache._values) == ["short"]
