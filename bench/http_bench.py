@@ -31,7 +31,7 @@ from server.config import Settings
 from server.engine.engine import LLMEngine
 from server.engine.model_loader import load_base_model, load_tokenizer
 from server.engine.sequence import SamplingParams
-from bench.server_process import ServerProcess
+from tests.server_harness import ServerProcess
 from bench.sse_client import fetch_stream, parse_completion_stream
 from tests.factories import build_model, llama_config, make_adapter, save_model
 

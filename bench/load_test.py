@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from tests.factories import build_model, llama_config, make_adapter, save_model
-from bench.server_process import ServerProcess
+from tests.server_harness import ServerProcess
 
 RESULTS = Path(__file__).parent / "results" / "load_test.json"
 ADMIN_KEY = "load-test-admin-" + os.urandom(8).hex()
