@@ -12,6 +12,6 @@ FALLBACK_TEMPLATE = (
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[ChatMessage]) -> str:
-    plain = [{"role": m.role, "content": m.text()} for m in messages]
+    plain = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
     template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_TEMPLATE
     return tokenizer.apply_chat_template(plain, chat_template=template, add_generation_prompt=True, tokenize=False)

@@ -1,8 +1,14 @@
-"""Request and response bodies of the OpenAI-compatible API (the fields loraserve honours)."""
+"""Request and response bodies of the OpenAI-compatible API.
 
-from typing import Annotated, Literal
+Nothing is accepted and ignored: a request body holds only fields loraserve honours, plus fields that
+clients send with values that change nothing (`tool_choice: "none"`, `store: false`, ...), which are
+accepted at those values only. Any other field, or another value of those, is refused with 400 naming it.
+"""
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.engine.sequence import SEED_RANGE
 
@@ -23,16 +29,38 @@ def _utf8(text: str) -> str:
 Text = Annotated[str, AfterValidator(_utf8)]
 
 
-class _Request(BaseModel):
-    # OpenAI clients send fields we do not use (e.g. frequency_penalty=0): accept, ignore.
-    model_config = ConfigDict(extra="ignore")
+def _neutral(*values: Any, feature: str):
+    """A field accepted only at the values that change nothing; any other is refused as not supported."""
+    def check(value: Any) -> Any:
+        if value not in values:
+            allowed = " or ".join(json.dumps(v) for v in values)
+            raise ValueError(f"{feature} is not supported yet; only {allowed} is accepted")
+        return value
+    return AfterValidator(check)
 
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an unknown field is a 400 naming it, never ignored
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: Annotated[bool | None, _neutral(None, False, feature="stream obfuscation")] = None
 
 
-class _SamplingFields(_Request):
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> "ResponseFormat":
+        if self.type != "text":
+            raise ValueError(f'response_format {self.type!r} (structured outputs) is not supported yet; '
+                             f'only {{"type": "text"}} is accepted')
+        return self
+
+
+class _SamplingFields(_Strict):
     model: Text = Field(min_length=1, max_length=MAX_MODEL_LENGTH)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
@@ -44,7 +72,14 @@ class _SamplingFields(_Request):
     stop: Text | list[Text] | None = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     user: Text | None = Field(None, max_length=1024)
-    ignore_eos: bool = Field(False, description="loraserve extension: keep generating past EOS")
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS")
+    # Sent by clients with these values; the values that would change the output are not supported yet.
+    frequency_penalty: Annotated[float | None, _neutral(None, 0, feature="frequency_penalty")] = None
+    presence_penalty: Annotated[float | None, _neutral(None, 0, feature="presence_penalty")] = None
+    logit_bias: Annotated[dict[str, float] | None, _neutral(None, {}, feature="logit_bias")] = None
+    service_tier: Annotated[str | None, _neutral(None, "auto", "default", feature="service_tier")] = None
+    store: Annotated[bool | None, _neutral(None, False, feature="storing completions")] = None
+    metadata: dict[Text, Text] | None = Field(None, max_length=16, description="accepted; kept nowhere (store is off)")
 
     @field_validator("stop")
     @classmethod
@@ -60,6 +95,8 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(DEFAULT_COMPLETION_MAX_TOKENS, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
+    best_of: Annotated[int | None, _neutral(None, 1, feature="best_of")] = None
+    suffix: Annotated[str | None, _neutral(None, "", feature="suffix (insertion)")] = None
 
     def token_limit(self) -> int:
         """OpenAI's completions read an explicit null as the default."""
@@ -81,15 +118,24 @@ class CompletionRequest(_SamplingFields):
         return list(self.prompt)
 
 
-class ContentPart(BaseModel):
+class ContentPart(_Strict):
     type: Literal["text"]
     text: Text
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+_NO_TOOLS = "tool calling"
+
+
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
+    name: Text | None = Field(None, max_length=256)
+    # What clients send back with an earlier assistant message (openai's model_dump()): nulls only.
+    tool_calls: Annotated[list[dict[str, Any]] | None, _neutral(None, [], feature=_NO_TOOLS)] = None
+    function_call: Annotated[dict[str, Any] | None, _neutral(None, feature=_NO_TOOLS)] = None
+    tool_call_id: Annotated[str | None, _neutral(None, feature=_NO_TOOLS)] = None
+    refusal: Annotated[str | None, _neutral(None, feature="refusal messages")] = None
+    audio: Annotated[dict[str, Any] | None, _neutral(None, feature="audio")] = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -102,6 +148,13 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[dict[str, Any]] | None, _neutral(None, [], feature=_NO_TOOLS)] = None
+    tool_choice: Annotated[str | dict[str, Any] | None, _neutral(None, "none", "auto", feature=_NO_TOOLS)] = None
+    parallel_tool_calls: bool | None = Field(None, description="accepted: there are no tools to call")
+    functions: Annotated[list[dict[str, Any]] | None, _neutral(None, [], feature=_NO_TOOLS)] = None
+    function_call: Annotated[str | dict[str, Any] | None, _neutral(None, "none", "auto", feature=_NO_TOOLS)] = None
+    modalities: Annotated[list[str] | None, _neutral(None, ["text"], feature="modalities other than text")] = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
