@@ -8,7 +8,11 @@ import httpx
 import openai
 import pytest
 
+from server.api.chat import chat_prompt
+from server.api.schemas import ChatMessage
 from server.config import Settings
+from server.engine.sequence import SamplingParams
+from tests.factories import make_engine
 from tests.server_harness import RunningServer
 
 PROMPT = "Hello, adapters!"
@@ -126,3 +130,71 @@ def test_plain_http_error_shape(server):
     assert response.status_code == 400
     assert response.json()["error"] | {"message": None} == {
         "message": None, "type": "invalid_request_error", "param": "functions", "code": "invalid_parameter"}
+
+
+# ---- every sampling parameter through the SDK, equal to the engine run directly -------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(llama_dir, llama_adapters):
+    engine = make_engine(llama_dir)
+    engine.load_adapter("alpha", llama_adapters("surface_a", seed=701, r=8, lora_alpha=16))
+    return engine
+
+
+def _direct(engine, prompt: str, adapter: str | None, **params) -> str:
+    return engine.generate([prompt], SamplingParams(**params), [adapter])[0].text
+
+
+CONTROLS = [  # (openai SDK arguments, the engine's SamplingParams fields)
+    (dict(logit_bias={"112": 100, "101": -100}), dict(logit_bias=((112, 100.0), (101, -100.0)))),
+    (dict(frequency_penalty=2.0, presence_penalty=1.0), dict(frequency_penalty=2.0, presence_penalty=1.0)),
+    (dict(extra_body={"repetition_penalty": 1.9}), dict(repetition_penalty=1.9)),
+    (dict(temperature=1.0, seed=11, extra_body={"min_p": 0.3}), dict(temperature=1.0, seed=11, min_p=0.3)),
+    (dict(temperature=1.0, seed=12, extra_body={"top_k": 3}), dict(temperature=1.0, seed=12, top_k=3)),
+    (dict(extra_body={"min_tokens": 6, "ignore_eos": False}), dict(min_tokens=6)),
+]
+
+
+@pytest.mark.parametrize("sdk, direct", CONTROLS)
+def test_each_control_through_the_sdk_equals_the_engine(client, engine, sdk, direct):
+    sdk = {"temperature": 0, **sdk}
+    direct = {"temperature": 0, **direct}
+    text = client.completions.create(model="alpha", prompt=PROMPT, max_tokens=10, **sdk).choices[0].text
+    assert text == _direct(engine, PROMPT, "alpha", max_tokens=10, **direct)
+    chat = client.chat.completions.create(model="base", messages=MESSAGES, max_completion_tokens=10, **sdk)
+    prompt = chat_prompt(engine.tokenizer, [ChatMessage(**m) for m in MESSAGES])
+    assert chat.choices[0].message.content == _direct(engine, prompt, None, max_tokens=10, **direct)
+
+
+def test_controls_change_the_output(client):
+    plain = client.completions.create(model="alpha", prompt=PROMPT, max_tokens=10, temperature=0).choices[0].text
+    for sdk, _ in CONTROLS[:3]:
+        assert client.completions.create(model="alpha", prompt=PROMPT, max_tokens=10, temperature=0,
+                                         **sdk).choices[0].text != plain, sdk
+
+
+def test_best_of_returns_the_most_likely(client):
+    result = client.completions.create(model="alpha", prompt=PROMPT, max_tokens=6, temperature=1.0, seed=3, n=2,
+                                       best_of=5, logprobs=0)
+    pool = client.completions.create(model="alpha", prompt=PROMPT, max_tokens=6, temperature=1.0, seed=3, n=5,
+                                     logprobs=0)
+    ranked = sorted(pool.choices, key=lambda c: -sum(c.logprobs.token_logprobs))
+    assert [c.text for c in result.choices] == [c.text for c in ranked[:2]]
+    assert result.usage.completion_tokens == pool.usage.completion_tokens
+    without = client.completions.create(model="alpha", prompt=PROMPT, max_tokens=6, temperature=1.0, seed=3, n=2,
+                                        best_of=5)
+    assert [c.text for c in without.choices] == [c.text for c in result.choices] and without.choices[0].logprobs is None
+    _refused(lambda: client.completions.create(model="alpha", prompt=PROMPT, n=3, best_of=2), "best_of", "must be >=")
+    _refused(lambda: client.completions.create(model="alpha", prompt=PROMPT, best_of=2, stream=True), "best_of",
+             "cannot be streamed")
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(logit_bias={"7": 101}), "logit_bias"), (dict(logit_bias={"abc": 1}), "logit_bias"),
+    (dict(logit_bias={"999999": 1}), "logit_bias"), (dict(frequency_penalty=2.5), "frequency_penalty"),
+    (dict(presence_penalty=-2.1), "presence_penalty"), (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
+    (dict(extra_body={"min_p": 1.2}), "min_p"), (dict(extra_body={"min_tokens": -1}), "min_tokens"),
+])
+def test_bad_control_values_are_refused(client, kwargs, param):
+    _refused(lambda: client.completions.create(model="alpha", prompt=PROMPT, max_tokens=4, **kwargs), param)

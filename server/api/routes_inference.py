@@ -38,7 +38,10 @@ def _sampling(body, max_tokens: int, logprobs: int | None) -> SamplingParams:
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, seed=body.seed, stop=tuple(body.stop), ignore_eos=body.ignore_eos,
-                              logprobs=logprobs)
+                              logprobs=logprobs, min_tokens=body.min_tokens, logit_bias=body.bias(),
+                              repetition_penalty=body.repetition_penalty, min_p=body.min_p,
+                              frequency_penalty=body.frequency_penalty or 0.0,
+                              presence_penalty=body.presence_penalty or 0.0)
     except ValueError as exc:
         raise ApiError(400, str(exc), code="invalid_parameter") from None
 
@@ -90,12 +93,20 @@ def _streaming(chunks: AsyncIterator[str], release: Callable[[], None], headers:
                              background=BackgroundTask(release))
 
 
+def _best(choices: list[_Choice], best_of: int, n: int) -> list[_Choice]:
+    """Per prompt, the n of its best_of choices with the highest cumulative logprob, most likely first."""
+    if best_of == n:
+        return choices
+    return [choice for start in range(0, len(choices), best_of)
+            for choice in sorted(choices[start:start + best_of], key=lambda c: -sum(e.logprob for e in c.logprobs))[:n]]
+
+
 def _usage(choices: list[_Choice], n: int) -> dict:
     prompt = sum(c.prompt_tokens for c in choices[::n])  # each prompt once, however many choices it has
     return fmt.usage(prompt, sum(c.completion_tokens for c in choices))
 
 
-async def _run(request: Request, state: AppState, body, prompts: list, params: SamplingParams,
+async def _run(request: Request, state: AppState, body, prompts: list, params: SamplingParams, n: int,
                endpoint: str, tokens: int,
                to_chunks: Callable[[AsyncIterator[ChoiceOutput]], AsyncIterator[str]]):
     """Admit against the tenant's limits, resolve `model`, run every choice: a streamed request gets its
@@ -109,11 +120,11 @@ async def _run(request: Request, state: AppState, body, prompts: list, params: S
     try:
         target = await state.models.resolve(body.model, _caller(request, body.user), caller(request))
         request.state.metrics_label = target.label
-        outputs = await state.inference.run(prompts, params, body.n, target, endpoint, caller(request).tenant)
+        outputs = await state.inference.run(prompts, params, n, target, endpoint, caller(request).tenant)
         if body.stream:
             streaming = _streaming(to_chunks(outputs), release, _variant_header(target))
             return streaming, target
-        return await _collect(outputs, len(prompts) * body.n), target
+        return await _collect(outputs, len(prompts) * n), target
     finally:
         if streaming is None:
             release()
@@ -130,21 +141,33 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
     state = app_state(request)
     if body.echo:
         raise ApiError(400, "echo is not supported", param="echo", code="unsupported_parameter")
-    params = _sampling(body, body.token_limit(), body.logprobs)
+    best_of = _best_of(body)
+    # Ranking best_of choices needs each chosen token's logprob.
+    params = _sampling(body, body.token_limit(), body.logprobs if best_of == body.n else body.logprobs or 0)
     prompts = body.prompts()
     response_id = f"cmpl-{request.state.request_id}"
-    choices, target = await _run(
-        request, state, body, prompts, params, "completions", params.max_tokens * body.n * len(prompts),
+    generated, target = await _run(
+        request, state, body, prompts, params, best_of, "completions", params.max_tokens * best_of * len(prompts),
         lambda outputs: _completion_chunks(state, outputs, response_id, body, len(prompts) * body.n))
-    if isinstance(choices, StreamingResponse):
-        return choices
+    if isinstance(generated, StreamingResponse):
+        return generated
     response.headers.update(_variant_header(target))
     logprobs = fmt.LogprobFormatter(state.tokenizer)
     return fmt.envelope(response_id, "text_completion", body.model, [
         {"index": i, "text": c.text, "finish_reason": c.finish_reason,
          "logprobs": logprobs.completion(c.logprobs, 0) if body.logprobs is not None else None}
-        for i, c in enumerate(choices)
-    ], _usage(choices, body.n))
+        for i, c in enumerate(_best(generated, best_of, body.n))
+    ], _usage(generated, best_of))
+
+
+def _best_of(body: CompletionRequest) -> int:
+    best_of = body.best_of or body.n
+    if best_of < body.n:
+        raise ApiError(400, f"best_of ({best_of}) must be >= n ({body.n})", param="best_of", code="invalid_parameter")
+    if best_of > body.n and body.stream:
+        raise ApiError(400, "best_of > n cannot be streamed (the best are known only at the end)", param="best_of",
+                       code="invalid_parameter")
+    return best_of
 
 
 async def _completion_chunks(state: AppState, outputs: AsyncIterator[ChoiceOutput], response_id: str,
@@ -172,7 +195,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
     params = _sampling(body, max_tokens, top)
     prompt = chat_prompt(state.tokenizer, body.messages)
     response_id = f"chatcmpl-{request.state.request_id}"
-    choices, target = await _run(request, state, body, [prompt], params, "chat", max_tokens * body.n,
+    choices, target = await _run(request, state, body, [prompt], params, body.n, "chat", max_tokens * body.n,
                                  lambda outputs: _chat_chunks(state, outputs, response_id, body))
     if isinstance(choices, StreamingResponse):
         return choices

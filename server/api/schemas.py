@@ -10,11 +10,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.engine.sequence import SEED_RANGE
+from server.engine.sequence import LOGIT_BIAS_RANGE, PENALTY_RANGE, REPETITION_PENALTY_RANGE, SEED_RANGE
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # The longest `model` string that can name anything: a 64-character name, '@' and a version number.
 MAX_MODEL_LENGTH = 96
+MAX_N = 16  # choices per prompt (n, best_of)
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 
 
 def _utf8(text: str) -> str:
@@ -66,20 +68,34 @@ class _SamplingFields(_Strict):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="loraserve extension: 0 = off")
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Text | list[Text] | None = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     user: Text | None = Field(None, max_length=1024)
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS")
-    # Sent by clients with these values; the values that would change the output are not supported yet.
-    frequency_penalty: Annotated[float | None, _neutral(None, 0, feature="frequency_penalty")] = None
-    presence_penalty: Annotated[float | None, _neutral(None, 0, feature="presence_penalty")] = None
-    logit_bias: Annotated[dict[str, float] | None, _neutral(None, {}, feature="logit_bias")] = None
+    frequency_penalty: float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    presence_penalty: float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    logit_bias: dict[str, Annotated[float, Field(ge=LOGIT_BIAS_RANGE[0], le=LOGIT_BIAS_RANGE[1])]] | None = None
+    repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
+                                      description="vLLM extension: 1 = off")
+    min_p: float = Field(0.0, ge=0, le=1, description="vLLM extension: 0 = off")
+    min_tokens: int = Field(0, ge=0, description="vLLM extension: no EOS or stop token before this many tokens")
+    # Sent by clients with these values; other values are not supported yet.
     service_tier: Annotated[str | None, _neutral(None, "auto", "default", feature="service_tier")] = None
     store: Annotated[bool | None, _neutral(None, False, feature="storing completions")] = None
     metadata: dict[Text, Text] | None = Field(None, max_length=16, description="accepted; kept nowhere (store is off)")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None and (len(value) > MAX_LOGIT_BIAS or not all(key.isdigit() for key in value)):
+            raise ValueError(f"logit_bias maps at most {MAX_LOGIT_BIAS} token ids (as strings) to biases")
+        return value
+
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items())
 
     @field_validator("stop")
     @classmethod
@@ -95,7 +111,7 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(DEFAULT_COMPLETION_MAX_TOKENS, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
-    best_of: Annotated[int | None, _neutral(None, 1, feature="best_of")] = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="generate this many, return the n most likely")
     suffix: Annotated[str | None, _neutral(None, "", feature="suffix (insertion)")] = None
 
     def token_limit(self) -> int:

@@ -25,7 +25,8 @@ from server.engine.model_loader import (
     resolve_dtype,
 )
 from server.engine.runner import ModelRunner
-from server.engine.sampler import TokenLogprobs, sample, token_logprobs
+from server.engine.logits_processors import adjust_logits
+from server.engine.sampler import TokenLogprobs, prompt_logprobs, sample, token_logprobs
 from server.engine.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
 from server.engine.sequence import FinishReason, SamplingParams, Sequence
 from server.engine.snapshot import EngineSnapshot
@@ -51,6 +52,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] | None = None  # in the first output, when asked for
     error: str | None = None  # set when this request alone failed (finish_reason is then "abort")
 
 
@@ -206,18 +208,21 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
-        seqs, logits, outputs = self._forward(batch)
+        seqs, logits, prompt_logits, outputs = self._forward(batch)
         if logits is None:
             return outputs
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        finite = [ok and (seq not in prompt_logits or bool(torch.isfinite(prompt_logits[seq]).all()))
+                  for seq, ok in zip(seqs, torch.isfinite(logits).all(dim=-1).tolist())]
         served = [seq for seq, ok in zip(seqs, finite) if ok]
         outputs += [self._fail(seq, "the model produced non-finite logits for this request")
                     for seq, ok in zip(seqs, finite) if not ok]
         logits = logits[torch.tensor(finite, device=logits.device)] if len(served) < len(seqs) else logits
-        for i, (seq, token) in enumerate(zip(served, sample(logits, served))):
+        for i, (seq, token) in enumerate(zip(served, sample(adjust_logits(logits, served, self._eos_ids), served))):
             seq.output_ids.append(token)
             logprobs = [token_logprobs(logits[i], token, seq.params.logprobs)] if seq.params.logprobs is not None else []
-            outputs.append(self._postprocess(self._requests[seq.request_id], token, logprobs))
+            prompt = (prompt_logprobs(prompt_logits[seq], seq.prompt_ids, seq.params.prompt_logprobs)
+                      if seq in prompt_logits else None)
+            outputs.append(self._postprocess(self._requests[seq.request_id], token, logprobs, prompt))
         self.tokens_generated += len(served)
         self._observe_traffic(served)
         self._finish_retirements()
@@ -264,7 +269,8 @@ class LLMEngine:
 
     # ---- internals ------------------------------------------------------------------------------
 
-    def _forward(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None, list[RequestOutput]]:
+    def _forward(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None,
+                                                        dict[Sequence, torch.Tensor], list[RequestOutput]]:
         """runner.run(batch); when it raises, each sequence is tried alone, those that fail alone are
         failed (their outputs returned) and the rest runs. A forward that raises leaves no trace in a
         sequence (its computed count moves only on success); a trial that succeeds is undone by resetting
@@ -281,7 +287,7 @@ class LLMEngine:
         remaining = ScheduledBatch([s for s in batch.prefills if s not in culprits],
                                    [s for s in batch.decodes if s not in culprits])
         if remaining.is_empty:
-            return [], None, outputs
+            return [], None, {}, outputs
         return *self.runner.run(remaining), outputs
 
     def _fails_alone(self, seq: Sequence) -> Exception | None:
@@ -318,6 +324,10 @@ class LLMEngine:
         if outside is not None:
             raise InvalidRequestError(f"token id {outside} is outside the vocabulary [0, {self.vocab_size})",
                                       param="prompt")
+        biased = next((t for t, _ in params.logit_bias if not 0 <= t < self.vocab_size), None)
+        if biased is not None:
+            raise InvalidRequestError(f"logit_bias names token id {biased}, outside the vocabulary "
+                                      f"[0, {self.vocab_size})", param="logit_bias")
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_context:
             raise RequestTooLargeError(
@@ -338,7 +348,8 @@ class LLMEngine:
                 adapters[seq.adapter.name] = seq.adapter
         self.merges.observe(tokens, adapters)
 
-    def _postprocess(self, tracked: _Tracked, token: int, logprobs: list[TokenLogprobs]) -> RequestOutput:
+    def _postprocess(self, tracked: _Tracked, token: int, logprobs: list[TokenLogprobs],
+                     prompt: list[TokenLogprobs] | None = None) -> RequestOutput:
         seq = tracked.seq
         params = seq.params
         reason = None
@@ -353,10 +364,10 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self._requests[seq.request_id]
-        return self._output(tracked, [token], text, logprobs)
+        return self._output(tracked, [token], text, logprobs, prompt)
 
     def _output(self, tracked: _Tracked, token_ids: list[int], text: str,
-                logprobs: list[TokenLogprobs]) -> RequestOutput:
+                logprobs: list[TokenLogprobs], prompt: list[TokenLogprobs] | None = None) -> RequestOutput:
         seq = tracked.seq
         return RequestOutput(
             request_id=seq.request_id,
@@ -367,6 +378,7 @@ class LLMEngine:
             prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.output_ids),
             logprobs=logprobs,
+            prompt_logprobs=prompt,
         )
 
 

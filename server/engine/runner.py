@@ -41,13 +41,16 @@ class ModelRunner:
         self.mixed_merged_steps = 0  # on a merged copy, other adapters' tokens corrected by ±Δ
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
-        """Returns the sequences in packed order and their next-token logits (N, vocab)."""
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor, dict[Sequence, torch.Tensor]]:
+        """Returns the sequences in packed order, their next-token logits (N, vocab), and the logits at
+        every prompt position (P, vocab) of the sequences whose prompt logprobs are due (kept in the same
+        forward pass; other sequences keep only their last position)."""
         merged = self._choose_merged(batch.sequences)
         # The merged adapter's tokens go last, so the tokens that subtract its delta form one run.
         merged_slot = None if merged is None else merged[1]
         seqs = sorted(batch.sequences, key=lambda seq: (self._slot_of(seq) == merged_slot, self._slot_of(seq)))
-        tokens, positions, write_rows, prefills, decode_seqs, last_index = [], [], [], [], [], []
+        tokens, positions, write_rows, prefills, decode_seqs, keep, last_rows = [], [], [], [], [], [], []
+        prompt_rows: dict[Sequence, slice] = {}  # rows of the kept logits at every prompt position
         for seq in seqs:
             start = len(tokens)
             new_positions = range(seq.num_computed, seq.length)
@@ -58,7 +61,12 @@ class ModelRunner:
                 prefills.append((start, len(tokens)))
             else:
                 decode_seqs.append((start, seq))
-            last_index.append(len(tokens) - 1)
+            if seq.wants_prompt_logprobs:
+                prompt_rows[seq] = slice(len(keep), len(keep) + len(tokens) - start)
+                keep += range(start, len(tokens))
+            else:
+                keep.append(len(tokens) - 1)
+            last_rows.append(len(keep) - 1)
         meta = AttentionMetadata(
             kv_cache=self.kv_cache,
             write_rows=self._tensor(write_rows),
@@ -70,7 +78,7 @@ class ModelRunner:
             out = self.model(
                 input_ids=self._tensor(tokens).unsqueeze(0),
                 position_ids=self._tensor(positions).unsqueeze(0),
-                logits_to_keep=self._tensor(last_index),
+                logits_to_keep=self._tensor(keep),
                 attn_metadata=meta,
                 use_cache=False,
             )
@@ -78,7 +86,10 @@ class ModelRunner:
             self.lora_batch.clear()
         for seq in seqs:
             seq.num_computed = seq.length
-        return seqs, out.logits[0]
+        logits = out.logits[0]
+        if not prompt_rows:
+            return seqs, logits, {}
+        return seqs, logits[self._tensor(last_rows)], {seq: logits[rows] for seq, rows in prompt_rows.items()}
 
     def _slot_of(self, seq: Sequence) -> int:
         slot = self.slots.slot_of(seq.adapter_name) if seq.adapter is not None else None

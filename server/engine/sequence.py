@@ -14,6 +14,10 @@ from server.lora.adapter import LoraAdapter
 # rounds to 0 in the compute dtype) gives inf and NaN probabilities.
 SAMPLING_EPS = 1e-5
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
+PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's presence and frequency penalties
+# Past these, dividing logits by the penalty can overflow to inf (and sampling to NaN).
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,14 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k
+    prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's (after the first) and the top k
+    # Logit adjustments (server/engine/logits_processors.py), in the order they apply:
+    min_tokens: int = 0  # EOS and stop tokens are banned until this many tokens were generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    repetition_penalty: float = 1.0  # HF/vLLM: logits of tokens in prompt or output divided (>0) or multiplied (<0)
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output so far
+    presence_penalty: float = 0.0  # OpenAI: minus this once the token appeared in the output
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
 
     def __post_init__(self):
         problems = []
@@ -40,10 +52,29 @@ class SamplingParams:
             problems.append("top_k must be >= 0")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             problems.append(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            problems.append("logprobs must be in [0, 20]")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 20:
+                problems.append(f"{name} must be in [0, 20]")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            problems.append("min_tokens must be in [0, max_tokens]")
+        if any(not LOGIT_BIAS_RANGE[0] <= bias <= LOGIT_BIAS_RANGE[1] for _, bias in self.logit_bias):
+            problems.append(f"logit_bias values must be in [{LOGIT_BIAS_RANGE[0]:g}, {LOGIT_BIAS_RANGE[1]:g}]")
+        if not REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1]:
+            problems.append(f"repetition_penalty must be in [{REPETITION_PENALTY_RANGE[0]:g}, "
+                            f"{REPETITION_PENALTY_RANGE[1]:g}]")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not PENALTY_RANGE[0] <= getattr(self, name) <= PENALTY_RANGE[1]:
+                problems.append(f"{name} must be in [{PENALTY_RANGE[0]:g}, {PENALTY_RANGE[1]:g}]")
+        if not 0 <= self.min_p <= 1:
+            problems.append("min_p must be in [0, 1]")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether any logit adjustment applies (a request without one costs the batch nothing)."""
+        return bool(self.min_tokens or self.logit_bias or self.repetition_penalty != 1.0
+                    or self.frequency_penalty or self.presence_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -100,6 +131,11 @@ class Sequence:
     @property
     def is_prefill(self) -> bool:
         return self.num_computed == 0
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Its prompt's logprobs are due: asked for, and this is the first prefill (not a recompute)."""
+        return self.params.prompt_logprobs is not None and self.is_prefill and not self.output_ids
 
     def reset_for_recompute(self) -> None:
         """After preemption: the cache is gone, prompt and output so far are prefilled again."""
