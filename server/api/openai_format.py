@@ -34,18 +34,27 @@ class LogprobFormatter:
     def token(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id])
 
-    def completion(self, entries: list[TokenLogprobs], text_offset: int) -> dict:
+    def completion(self, entries: list[TokenLogprobs], text_offset: int, first_token: int | None = None) -> dict:
+        """OpenAI's completions logprobs. With `first_token` (echo) the entries start with the prompt's, after
+        its first token, which comes first with no logprob (nothing precedes it)."""
         tokens = [self.token(e.token_id) for e in entries]
+        logprobs: list[float | None] = [e.logprob for e in entries]
+        tops: list[dict | None] = [{self.token(t): lp for t, lp in e.top} for e in entries]
+        if first_token is not None:
+            tokens, logprobs, tops = [self.token(first_token), *tokens], [None, *logprobs], [None, *tops]
         offsets = []
         for tok in tokens:
             offsets.append(text_offset)
             text_offset += len(tok)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{self.token(t): lp for t, lp in e.top} for e in entries],
-            "text_offset": offsets,
-        }
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+    def prompt(self, entries: list[TokenLogprobs]) -> list[dict | None]:
+        """vLLM's `prompt_logprobs`: per prompt token (None for the first), token id -> logprob, rank and
+        text, for the prompt's own token and the top ones."""
+        return [None, *({str(t): {"logprob": lp, "rank": rank, "decoded_token": self.token(t)}
+                         for t, lp, rank in [*((t, lp, i + 1) for i, (t, lp) in enumerate(e.top)),
+                                             (e.token_id, e.logprob, e.rank)]}
+                        for e in entries)]
 
     def chat(self, entries: list[TokenLogprobs]) -> dict:
         return {"content": [

@@ -1,7 +1,7 @@
 """OpenAI-compatible inference: /v1/completions, /v1/chat/completions, /v1/models."""
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
@@ -29,16 +29,17 @@ EXPERIMENT_VARIANT_HEADER = "X-Experiment-Variant"
 class _Choice:
     text: str = ""
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
 
-def _sampling(body, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _sampling(body, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, seed=body.seed, stop=tuple(body.stop), ignore_eos=body.ignore_eos,
-                              logprobs=logprobs, min_tokens=body.min_tokens, logit_bias=body.bias(),
+                              logprobs=logprobs, prompt_logprobs=prompt_logprobs, min_tokens=body.min_tokens, logit_bias=body.bias(),
                               repetition_penalty=body.repetition_penalty, min_p=body.min_p,
                               frequency_penalty=body.frequency_penalty or 0.0,
                               presence_penalty=body.presence_penalty or 0.0)
@@ -52,6 +53,7 @@ async def _collect(outputs: AsyncIterator[ChoiceOutput], count: int) -> list[_Ch
         choice, out = choices[item.index], item.output
         choice.text += out.text
         choice.logprobs += out.logprobs
+        choice.prompt_logprobs = choice.prompt_logprobs or out.prompt_logprobs
         choice.prompt_tokens, choice.completion_tokens = out.prompt_tokens, out.completion_tokens
         if out.finished:
             choice.finish_reason = out.finish_reason.value
@@ -139,11 +141,11 @@ async def list_models(request: Request) -> ModelList:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, response: Response):
     state = app_state(request)
-    if body.echo:
-        raise ApiError(400, "echo is not supported", param="echo", code="unsupported_parameter")
     best_of = _best_of(body)
-    # Ranking best_of choices needs each chosen token's logprob.
-    params = _sampling(body, body.token_limit(), body.logprobs if best_of == body.n else body.logprobs or 0)
+    prompt_top = _prompt_top(body)
+    # Ranking best_of choices needs each chosen token's logprob; max_tokens=0 (echo) samples one token, dropped.
+    params = _sampling(body, max(body.token_limit(), 1), body.logprobs if best_of == body.n else body.logprobs or 0,
+                       prompt_top)
     prompts = body.prompts()
     response_id = f"cmpl-{request.state.request_id}"
     generated, target = await _run(
@@ -152,12 +154,40 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
     if isinstance(generated, StreamingResponse):
         return generated
     response.headers.update(_variant_header(target))
-    logprobs = fmt.LogprobFormatter(state.tokenizer)
+    if body.token_limit() == 0:
+        generated = [replace(c, text="", logprobs=[], completion_tokens=0, finish_reason="length") for c in generated]
+    formatter = fmt.LogprobFormatter(state.tokenizer)
+    echoed = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in prompts] if body.echo else None
+    prompt_ids = [p if isinstance(p, list) else state.tokenizer.encode(p) for p in prompts] if body.echo else None
+    best = _best(generated, best_of, body.n)
     return fmt.envelope(response_id, "text_completion", body.model, [
-        {"index": i, "text": c.text, "finish_reason": c.finish_reason,
-         "logprobs": logprobs.completion(c.logprobs, 0) if body.logprobs is not None else None}
-        for i, c in enumerate(_best(generated, best_of, body.n))
+        _completion_choice(i, c, body, formatter, i // body.n, echoed, prompt_ids) for i, c in enumerate(best)
     ], _usage(generated, best_of))
+
+
+def _completion_choice(index: int, choice: _Choice, body: CompletionRequest, formatter: fmt.LogprobFormatter,
+                       prompt: int, echoed: list[str] | None, prompt_ids: list[list[int]] | None) -> dict:
+    """One choice of a whole completions response; with echo, the prompt (and its logprobs) first."""
+    text, entries, first = choice.text, choice.logprobs, None
+    if echoed is not None:
+        text, entries, first = echoed[prompt] + text, (choice.prompt_logprobs or []) + entries, prompt_ids[prompt][0]
+    answer = {"index": index, "text": text, "finish_reason": choice.finish_reason,
+              "logprobs": formatter.completion(entries, 0, first) if body.logprobs is not None else None}
+    if body.prompt_logprobs is not None:
+        answer["prompt_logprobs"] = formatter.prompt(choice.prompt_logprobs or [])
+    return answer
+
+
+def _prompt_top(body: CompletionRequest) -> int | None:
+    """How many top tokens each prompt token's logprobs need (echo with logprobs, vLLM's prompt_logprobs)."""
+    if body.token_limit() == 0 and not body.echo:
+        raise ApiError(400, "max_tokens=0 needs echo (the prompt is all there is to return)", param="max_tokens",
+                       code="invalid_parameter")
+    for name in ("echo", "prompt_logprobs"):
+        if getattr(body, name) and body.stream:
+            raise ApiError(400, f"{name} cannot be streamed yet", param=name, code="unsupported_parameter")
+    asked = [k for k in (body.prompt_logprobs, body.logprobs if body.echo else None) if k is not None]
+    return max(asked, default=None)
 
 
 def _best_of(body: CompletionRequest) -> int:

@@ -108,9 +108,11 @@ class _SamplingFields(_Strict):
 
 class CompletionRequest(_SamplingFields):
     prompt: Text | list[Text] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(DEFAULT_COMPLETION_MAX_TOKENS, ge=1)
+    max_tokens: int | None = Field(DEFAULT_COMPLETION_MAX_TOKENS, ge=0, description="0: with echo, the prompt only")
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
+    echo: bool = Field(False, description="the prompt (and, with logprobs, its logprobs) before the completion")
+    prompt_logprobs: int | None = Field(None, ge=0, le=20, description="vLLM extension: each prompt token's "
+                                                                        "logprob, rank and the top ones")
     best_of: int | None = Field(None, ge=1, le=MAX_N, description="generate this many, return the n most likely")
     suffix: Annotated[str | None, _neutral(None, "", feature="suffix (insertion)")] = None
 

@@ -1,0 +1,158 @@
+"""Prompt logprobs (echo, vLLM's prompt_logprobs) computed in the batched forward pass, per adapter, equal to
+transformers'/PEFT's log-softmax of the same prompt; and lm-evaluation-harness's loglikelihood requests
+against a real server."""
+
+import shutil
+
+import httpx
+import openai
+import pytest
+import torch
+
+from server.config import Settings
+from server.engine.sequence import SamplingParams
+from tests.conftest import _reference_model
+from tests.factories import make_engine
+from tests.server_harness import RunningServer
+
+TOLERANCE = 1e-4
+PROMPTS = [[40, 77, 101, 9, 33, 77, 40], [12, 250, 3, 3, 90], [71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81]]
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(llama_adapters):
+    return {"pa": llama_adapters("plp_a", seed=921, r=8, lora_alpha=16),
+            "pb": llama_adapters("plp_b", seed=922, r=4, lora_alpha=8, target_modules=["o_proj", "gate_proj"])}
+
+
+def _reference(llama_dir, adapter_dir, prompt: list[int]) -> torch.Tensor:
+    """transformers/PEFT log-softmax at every position of `prompt`: (P, vocab)."""
+    with torch.inference_mode():
+        logits = _reference_model(llama_dir, adapter_dir)(input_ids=torch.tensor([prompt])).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _prompt_scores(reference: torch.Tensor, prompt: list[int]) -> list[float]:
+    return reference[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])].tolist()
+
+
+def test_prompt_logprobs_in_a_mixed_batch_equal_transformers(llama_dir, adapter_dirs):
+    engine = make_engine(llama_dir)
+    for name, path in adapter_dirs.items():
+        engine.load_adapter(name, path)
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    solo = [engine.generate([p], greedy, [a])[0].token_ids for p, a in zip(PROMPTS, ["pa", None, "pb"])]
+    engine.add_request("running", PROMPTS[0], greedy, "pb")  # a decode in flight when the prefills come
+    engine.step()
+    jobs = {"a": (PROMPTS[0], "pa", 3), "b": (PROMPTS[1], None, 0), "c": (PROMPTS[2], "pb", 5),
+            "free-a": (PROMPTS[0], "pa", None), "free-b": (PROMPTS[1], None, None), "free-c": (PROMPTS[2], "pb", None)}
+    for request_id, (prompt, adapter, top) in jobs.items():
+        engine.add_request(request_id, prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                                                              prompt_logprobs=top), adapter)
+    outputs: dict[str, list] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    for request_id, (prompt, adapter, top) in jobs.items():
+        tokens = sum((o.token_ids for o in outputs[request_id]), [])
+        assert tokens == solo[list(jobs).index(request_id) % 3], "generation is unchanged by prompt logprobs"
+        entries = outputs[request_id][0].prompt_logprobs
+        assert all(o.prompt_logprobs is None for o in outputs[request_id][1:])
+        if top is None:
+            assert entries is None
+            continue
+        reference = _reference(llama_dir, adapter_dirs.get(adapter), prompt)
+        assert [e.token_id for e in entries] == prompt[1:]
+        assert [e.logprob for e in entries] == pytest.approx(_prompt_scores(reference, prompt), abs=TOLERANCE)
+        for e, row in zip(entries, reference):
+            assert e.rank == int((row > row[e.token_id]).sum()) + 1
+            values, ids = torch.topk(row, top)
+            assert [t for t, _ in e.top] == ids.tolist()
+            assert [lp for _, lp in e.top] == pytest.approx(values.tolist(), abs=TOLERANCE)
+
+
+# ---- over HTTP: the openai SDK and lm-evaluation-harness's requests -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir, adapter_dirs, tmp_path_factory):
+    store = tmp_path_factory.mktemp("plp_store")
+    for name, path in adapter_dirs.items():
+        shutil.copytree(path, store / name)
+    settings = Settings(model=llama_dir, adapters_dir=store, dtype="float32", device="cpu",
+                        kv_cache_memory=32 * 1024**2, served_model_name="base")
+    with RunningServer(settings) as running:
+        yield running
+
+
+def _loglikelihood(choice: dict, ctxlen: int) -> tuple[float, bool]:
+    """lm-evaluation-harness's LocalCompletionsAPI.parse_logprobs for one choice."""
+    logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+    tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+    return sum(logprobs), all(lp == max(top.values()) for lp, top in zip(logprobs, tops))
+
+
+@pytest.mark.parametrize("model", ["base", "pa", "pb"])
+def test_lm_eval_loglikelihood_requests(server, llama_dir, adapter_dirs, model):
+    """What `lm_eval --model local-completions` sends for loglikelihood (tokenized context + continuation,
+    echo, logprobs=1, max_tokens=1), scored the way it scores them, equals transformers/PEFT."""
+    requests = [(PROMPTS[0][:4], PROMPTS[0][4:]), (PROMPTS[2][:2], PROMPTS[2][2:]), (PROMPTS[1][:3], PROMPTS[1][3:])]
+    payload = {"model": model, "prompt": [ctx + cont for ctx, cont in requests], "temperature": 0, "max_tokens": 1,
+               "logprobs": 1, "seed": 1234, "echo": True}
+    response = httpx.post(server.url + "/v1/completions", json=payload, timeout=60)
+    assert response.status_code == 200, response.text
+    choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+    for choice, (ctx, cont) in zip(choices, requests):
+        reference = _reference(llama_dir, adapter_dirs.get(model), ctx + cont)
+        expected = sum(_prompt_scores(reference, ctx + cont)[len(ctx) - 1:])
+        greedy = reference[len(ctx) - 1:-1].argmax(-1).tolist() == cont
+        score, is_greedy = _loglikelihood(choice, len(ctx))
+        assert score == pytest.approx(expected, abs=TOLERANCE) and is_greedy == greedy
+        assert len(choice["logprobs"]["tokens"]) == len(ctx + cont) + 1  # the prompt, then one generated token
+    rolling = httpx.post(server.url + "/v1/completions", json={**payload, "prompt": PROMPTS[2], "max_tokens": 0},
+                         timeout=60).json()["choices"][0]
+    reference = _reference(llama_dir, adapter_dirs.get(model), PROMPTS[2])
+    assert rolling["logprobs"]["token_logprobs"][0] is None
+    assert rolling["logprobs"]["token_logprobs"][1:] == pytest.approx(_prompt_scores(reference, PROMPTS[2]),
+                                                                     abs=TOLERANCE)
+    assert rolling["finish_reason"] == "length" and len(rolling["logprobs"]["tokens"]) == len(PROMPTS[2])
+
+
+def test_echo_with_the_openai_client(server, llama_dir):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    text = "Hello, echo!"
+    plain = client.completions.create(model="pa", prompt=text, max_tokens=4, temperature=0)
+    echoed = client.completions.create(model="pa", prompt=text, max_tokens=4, temperature=0, echo=True, logprobs=2)
+    choice = echoed.choices[0]
+    assert choice.text == text + plain.choices[0].text
+    assert "".join(choice.logprobs.tokens[:len(text)]) == text and choice.logprobs.text_offset[:3] == [0, 1, 2]
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert echoed.usage.prompt_tokens == len(text.encode()) and echoed.usage.completion_tokens == 4
+    only = client.completions.create(model="pa", prompt=text, max_tokens=0, echo=True)
+    assert only.choices[0].text == text and only.usage.completion_tokens == 0 and only.choices[0].logprobs is None
+
+
+def test_vllm_prompt_logprobs(server, llama_dir, adapter_dirs):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    result = client.completions.create(model="pb", prompt=PROMPTS[1], max_tokens=2, temperature=0,
+                                       extra_body={"prompt_logprobs": 2})
+    entries = result.choices[0].model_extra["prompt_logprobs"]
+    reference = _reference(llama_dir, adapter_dirs["pb"], PROMPTS[1])
+    assert entries[0] is None and len(entries) == len(PROMPTS[1])
+    for entry, token, row in zip(entries[1:], PROMPTS[1][1:], reference):
+        assert entry[str(token)]["logprob"] == pytest.approx(float(row[token]), abs=TOLERANCE)
+        assert entry[str(token)]["rank"] == int((row > row[token]).sum()) + 1
+        assert {int(t) for t in entry} == {token, *torch.topk(row, 2).indices.tolist()}
+    assert result.choices[0].text == client.completions.create(model="pb", prompt=PROMPTS[1], max_tokens=2,
+                                                                temperature=0).choices[0].text
+
+
+@pytest.mark.parametrize("body, param", [
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(echo=True, stream=True), "echo"),
+    (dict(prompt_logprobs=1, stream=True), "prompt_logprobs"),
+    (dict(prompt_logprobs=21), "prompt_logprobs"),
+])
+def test_refusals(server, body, param):
+    response = httpx.post(server.url + "/v1/completions", json={"model": "base", "prompt": "hi", **body})
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
