@@ -5,6 +5,16 @@ keyword arguments were given to the model's forward; the runner passes `attn_met
 packed: all sequences' new tokens along one axis (batch dimension 1), each with its own positions.
 New sequences (prefills) attend causally to their own tokens; running sequences (one decode token
 each) attend to their cached history, batched with a padding mask.
+
+For a query at position i of a sequence and that sequence's keys at positions j (what transformers'
+eager attention computes from the same arguments):
+    s_ij = scaling · q_i·k_j                       (scaling None: 1/√D)
+    s_ij = softcap · tanh(s_ij / softcap)          (layers with logit soft-capping: Gemma-2)
+    i attends to j  iff  j ≤ i, and j > i − sliding_window in a windowed layer (Mistral, Gemma-2/3 local)
+    out_i = Σ_j softmax_j(s_ij) · v_j
+Windows come per call (`sliding_window`), so local and global layers of one model differ. SDPA serves
+every layer without soft-capping (a boolean mask carries the window); a soft-capped layer is computed
+explicitly.
 """
 
 from dataclasses import dataclass
@@ -22,7 +32,15 @@ ATTENTION_NAME = "loraserve_paged"
 class DecodeBatch:
     token_index: torch.Tensor  # (B,) positions of the decode tokens in the packed batch
     kv_rows: torch.Tensor  # (B, L) cache rows of each sequence's history, padded
+    lengths: torch.Tensor  # (B, 1) each sequence's length, its decode token included
     kv_mask: torch.Tensor  # (B, 1, 1, L) True where a row is real
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """(B, 1, 1, L): the rows a decode token (position n − 1) attends to: j < n, and j ≥ n − window."""
+        if sliding_window is None:
+            return self.kv_mask
+        positions = torch.arange(self.kv_rows.shape[1], device=self.kv_rows.device)
+        return self.kv_mask & (positions >= self.lengths - sliding_window)[:, None, None, :]
 
 
 @dataclass(frozen=True)
@@ -35,6 +53,7 @@ class AttentionMetadata:
 
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    sliding_window: int | None = None, softcap: float | None = None,
                     **kwargs) -> tuple[torch.Tensor, None]:
     """query (1, H, T, D), key/value (1, Hkv, T, D) -> output (1, T, H, D)."""
     meta: AttentionMetadata = kwargs["attn_metadata"]
@@ -42,21 +61,42 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     meta.kv_cache.write(layer, meta.write_rows, key[0].transpose(0, 1), value[0].transpose(0, 1))
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])
     for start, end in meta.prefills:
-        attended = scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            is_causal=True, scale=scaling, enable_gqa=True,
-        )
+        mask = None if sliding_window is None else _window_mask(end - start, sliding_window, query.device)
+        attended = _attend(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], mask, scaling,
+                           softcap)
         out[start:end] = attended[0].transpose(0, 1)
     decode = meta.decode
     if decode is not None:
         keys = meta.kv_cache.keys[layer][decode.kv_rows].transpose(1, 2)  # (B, Hkv, L, D)
         values = meta.kv_cache.values[layer][decode.kv_rows].transpose(1, 2)
         queries = query[0].index_select(1, decode.token_index).transpose(0, 1).unsqueeze(2)  # (B, H, 1, D)
-        attended = scaled_dot_product_attention(
-            queries, keys, values, attn_mask=decode.kv_mask, scale=scaling, enable_gqa=True
-        )
+        attended = _attend(queries, keys, values, decode.mask(sliding_window), scaling, softcap)
         out.index_copy_(0, decode.token_index, attended[:, :, 0])
     return out.unsqueeze(0), None
+
+
+def _window_mask(length: int, sliding_window: int, device: torch.device) -> torch.Tensor:
+    """(n, n) for a prefill from position 0: query i attends to key j iff i − window < j ≤ i."""
+    distance = torch.arange(length, device=device)[:, None] - torch.arange(length, device=device)[None, :]
+    return (distance >= 0) & (distance < sliding_window)
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+            scaling: float | None, softcap: float | None) -> torch.Tensor:
+    """(B, H, Tq, D) from keys/values (B, Hkv, Tk, D); `mask` (broadcast to (B, H, Tq, Tk)) True where a
+    query may attend, None for causal. SDPA unless the scores are soft-capped, which SDPA cannot express."""
+    if softcap is None:
+        return scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None,
+                                            scale=scaling, enable_gqa=True)
+    if mask is None:
+        mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), value)
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention)

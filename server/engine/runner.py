@@ -108,11 +108,12 @@ class ModelRunner:
                                for _, seq in decode_seqs])
         offsets = torch.arange(self.block_size, device=self.device)
         rows = (tables[:, :, None] * self.block_size + offsets).flatten(1)[:, :longest]
-        lengths = self._tensor([seq.length for _, seq in decode_seqs])
-        mask = torch.arange(longest, device=self.device)[None, :] < lengths[:, None]
+        lengths = self._tensor([seq.length for _, seq in decode_seqs])[:, None]
+        mask = torch.arange(longest, device=self.device)[None, :] < lengths
         return DecodeBatch(
             token_index=self._tensor([start for start, _ in decode_seqs]),
             kv_rows=rows,
+            lengths=lengths,
             kv_mask=mask[:, None, None, :],
         )
 
