@@ -7,7 +7,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from server.engine.attention import ATTENTION_NAME
+from server.engine.compatibility import check_architecture, probe_attention
 from server.engine.kv_cache import KVShape
+from server.engine.rope import wrap_per_sequence_rope
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_base_model(path: Path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
-    """The model, frozen, in eval mode, its attention routed to the engine's paged KV cache."""
+    """The model, frozen, in eval mode, its attention routed to the engine's paged KV cache.
+
+    A model the engine cannot serve exactly is refused (`UnsupportedModelError`, naming the architecture
+    and the reason) before its weights are read, or after one probe forward (`compatibility.py`)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
@@ -36,11 +41,14 @@ def load_base_model(path: Path, dtype: torch.dtype, device: torch.device) -> Pre
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"{path}: encoder-decoder models are not supported (decoder-only only)")
+    check_architecture(config)
     log.info("loading base model from %s (%s, %s)", path, dtype, device)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, use_safetensors=True, local_files_only=True, attn_implementation=ATTENTION_NAME
     )
     model.to(device).eval().requires_grad_(False)
+    probe_attention(model, kv_shape(model), ATTENTION_NAME)
+    wrap_per_sequence_rope(model)
     return model
 
 

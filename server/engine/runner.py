@@ -11,6 +11,7 @@ from torch import nn
 
 from server.engine.attention import AttentionMetadata, DecodeBatch
 from server.engine.kv_cache import PagedKVCache
+from server.engine.rope import PerSequenceRope
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.lora.layer import LoraBatch
@@ -39,6 +40,7 @@ class ModelRunner:
         self.merged: dict[str, dict[str, torch.Tensor]] = merged
         self.merged_steps = 0  # forward passes served entirely from a merged copy
         self.mixed_merged_steps = 0  # on a merged copy, other adapters' tokens corrected by ±Δ
+        self.ropes = [m for m in model.modules() if isinstance(m, PerSequenceRope)]  # LongRoPE models only
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor, dict[Sequence, torch.Tensor]]:
@@ -49,6 +51,7 @@ class ModelRunner:
         # The merged adapter's tokens go last, so the tokens that subtract its delta form one run.
         merged_slot = None if merged is None else merged[1]
         seqs = sorted(batch.sequences, key=lambda seq: (self._slot_of(seq) == merged_slot, self._slot_of(seq)))
+        self._prepare_rope(seqs)
         tokens, positions, write_rows, prefills, decode_seqs, keep, last_rows = [], [], [], [], [], [], []
         prompt_rows: dict[Sequence, slice] = {}  # rows of the kept logits at every prompt position
         for seq in seqs:
@@ -100,6 +103,18 @@ class ModelRunner:
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _prepare_rope(self, seqs: list[Sequence]) -> None:
+        """LongRoPE (rope.py): a sequence crossing the original context is computed again from its first
+        token, and every token is marked with whether its sequence ends this step past that context."""
+        for rope in self.ropes:
+            for seq in seqs:
+                if rope.crosses_switch(seq.num_computed, seq.length):
+                    seq.num_computed = 0
+            rope.long_tokens = torch.tensor(
+                [seq.length > rope.original_context for seq in seqs for _ in range(seq.num_computed, seq.length)],
+                dtype=torch.bool, device=self.device,
+            )
 
     def _decode_batch(self, decode_seqs: list[tuple[int, Sequence]]) -> DecodeBatch:
         longest = max(seq.length for _, seq in decode_seqs)
