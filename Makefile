@@ -14,6 +14,7 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
+	@test -x /usr/bin/chromium || echo "note: the console's browser tests (tests/test_console.py) need Debian's chromium: apt-get install chromium (.ci/run does); without it they skip"
 
 test:
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

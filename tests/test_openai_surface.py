@@ -198,3 +198,63 @@ def test_best_of_returns_the_most_likely(client):
 ])
 def test_bad_control_values_are_refused(client, kwargs, param):
     _refused(lambda: client.completions.create(model="alpha", prompt=PROMPT, max_tokens=4, **kwargs), param)
+
+
+# ---- models.retrieve, /tokenize and /detokenize, the stop token in logprobs ----------------------------
+
+
+def test_models_retrieve(client):
+    assert client.models.retrieve("base").id == "base"
+    alpha = client.models.retrieve("alpha")
+    assert alpha.id == "alpha" and alpha.model_extra["parent"] == "base"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+@pytest.mark.parametrize("prefix", ["", "/v1"])
+def test_tokenize_and_detokenize(server, prefix):
+    tokenizer = server.state.tokenizer
+    answer = httpx.post(f"{server.url}{prefix}/tokenize", json={"model": "alpha", "prompt": PROMPT,
+                                                               "return_token_strs": True}).json()
+    assert answer["tokens"] == tokenizer.encode(PROMPT) and answer["count"] == len(answer["tokens"])
+    assert answer["token_strs"] == tokenizer.convert_ids_to_tokens(answer["tokens"])
+    back = httpx.post(f"{server.url}{prefix}/detokenize", json={"model": "alpha", "tokens": answer["tokens"]}).json()
+    assert back == {"prompt": PROMPT}
+    chat = httpx.post(f"{server.url}{prefix}/tokenize", json={"model": "base", "messages": MESSAGES}).json()
+    expected = chat_prompt(tokenizer, [ChatMessage(**m) for m in MESSAGES])
+    assert chat["tokens"] == tokenizer.encode(expected, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/tokenize", {"model": "nope", "prompt": "x"}, 404, None),
+    ("/tokenize", {"model": "base", "prompt": "x", "messages": MESSAGES}, 400, None),
+    ("/tokenize", {"model": "base", "prompt": "x", "extra": 1}, 400, "extra"),
+    ("/detokenize", {"model": "base", "tokens": [1, 10**9]}, 400, "tokens"),
+    ("/v1/detokenize", {"model": "nope", "tokens": [1]}, 404, None),
+])
+def test_tokenize_refusals(server, path, body, status, param):
+    response = httpx.post(server.url + path, json=body)
+    assert response.status_code == status and response.json()["error"]["param"] == param, response.text
+
+
+def test_tokenize_needs_a_key_when_auth_is_on(llama_dir, tmp_path):
+    settings = Settings(model=llama_dir, adapters_dir=tmp_path, dtype="float32", device="cpu",
+                        kv_cache_memory=8 * 1024**2, served_model_name="base", admin_key="admin-secret")
+    with RunningServer(settings) as running:
+        for path in ("/tokenize", "/v1/tokenize"):
+            assert httpx.post(running.url + path, json={"model": "base", "prompt": "x"}).status_code == 401
+            ok = httpx.post(running.url + path, json={"model": "base", "prompt": "x"},
+                            headers={"Authorization": "Bearer admin-secret"})
+            assert ok.status_code == 200 and ok.json()["count"] == 1
+
+
+def test_the_stop_token_is_neither_in_the_text_nor_in_the_logprobs(client):
+    eos = {"2": 100}  # the tiny model's EOS (id 2) first
+    chat = client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=4, temperature=0,
+                                          logit_bias=eos, logprobs=True, top_logprobs=2)
+    choice = chat.choices[0]
+    assert (choice.message.content, choice.logprobs.content, choice.finish_reason) == ("", [], "stop")
+    assert chat.usage.completion_tokens == 1
+    text = client.completions.create(model="alpha", prompt=PROMPT, max_tokens=4, temperature=0, logit_bias=eos,
+                                     logprobs=1).choices[0]
+    assert (text.text, text.logprobs.tokens, text.finish_reason) == ("", [], "stop")

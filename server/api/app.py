@@ -10,7 +10,7 @@ from pathlib import Path
 from fastapi import Depends, FastAPI
 
 from server import __version__
-from server.api import routes_adapters, routes_admin, routes_experiments, routes_inference, routes_ops
+from server.api import routes_adapters, routes_admin, routes_experiments, routes_inference, routes_ops, routes_tokenize
 from server.api.access import Access
 from server.api.auth import AuthMiddleware, Authenticator, authenticate, require_admin
 from server.api.body_limit import BodySizeLimitMiddleware
@@ -139,7 +139,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     app.include_router(routes_ops.router)
-    for module in (routes_inference, routes_adapters, routes_experiments):
+    for module in (routes_inference, routes_tokenize, routes_adapters, routes_experiments):
         app.include_router(module.router, dependencies=[Depends(authenticate)])
     app.include_router(routes_admin.router, dependencies=[Depends(authenticate), Depends(require_admin)])
     return app

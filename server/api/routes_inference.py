@@ -12,11 +12,11 @@ from server.api.chat import chat_prompt
 from server.api.auth import caller
 from server.api.errors import ApiError, domain_error_status, error_body
 from server.api.inference import ChoiceOutput, Target
-from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelList
+from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from server.api.state import AppState, app_state
 from server.engine.sampler import TokenLogprobs
 from server.engine.sequence import SamplingParams
-from server.errors import InferenceFailedError
+from server.errors import InferenceFailedError, UnknownAdapterError
 from server.experiments.model import Caller
 
 router = APIRouter(tags=["inference"])
@@ -136,6 +136,15 @@ async def _run(request: Request, state: AppState, body, prompts: list, params: S
 async def list_models(request: Request) -> ModelList:
     state = app_state(request)
     return ModelList(data=state.models.cards(state.access.visible_names(caller(request))))
+
+
+@router.get("/v1/models/{model}", response_model=ModelCard)
+async def retrieve_model(model: str, request: Request) -> ModelCard:
+    state = app_state(request)
+    card = next((c for c in state.models.cards(state.access.visible_names(caller(request))) if c.id == model), None)
+    if card is None:
+        raise UnknownAdapterError(f"model {model!r} does not exist")
+    return card
 
 
 @router.post("/v1/completions")

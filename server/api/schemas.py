@@ -178,6 +178,26 @@ class ChatCompletionRequest(_SamplingFields):
         return self.max_completion_tokens or self.max_tokens
 
 
+class TokenizeRequest(_Strict):
+    model: Text = Field(min_length=1, max_length=MAX_MODEL_LENGTH)
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = Field(None, description="default: true for a prompt, false for messages "
+                                                              "(the chat template writes its own)")
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    model: Text = Field(min_length=1, max_length=MAX_MODEL_LENGTH)
+    tokens: list[int]
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int

@@ -357,7 +357,9 @@ class LLMEngine:
             reason = FinishReason.STOP
         elif len(seq.output_ids) >= params.max_tokens or seq.length >= self.max_context:
             reason = FinishReason.LENGTH
-        text_ids = seq.output_ids[:-1] if reason is FinishReason.STOP else seq.output_ids
+        text_ids = seq.output_ids
+        if reason is FinishReason.STOP:  # the stop token is not in the text, so not in the logprobs either
+            text_ids, logprobs = seq.output_ids[:-1], []
         text = tracked.detokenizer.update(text_ids, final=reason is not None)
         if tracked.detokenizer.stopped:
             reason = FinishReason.STOP

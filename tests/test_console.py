@@ -1,0 +1,347 @@
+"""The web console (/ui) in a real headless Chromium, driven by Playwright, against a real server on
+loopback serving the demo (demo/base and a copy of adapters/), with auth on and two tenants.
+
+Each test checks what a person sees: signing in, an upload by the form and a refused one with its
+reasons, two adapters streamed side by side, an experiment whose results update as traffic arrives and
+whose winner is promoted, and a tenant's console showing nothing of another tenant. Every request the
+pages make goes to the server under test (nothing from the network) and no page raises a script error.
+
+The browser is Debian's Chromium (`/usr/bin/chromium`, or LORASERVE_CHROMIUM): Playwright cannot
+download its own here. Without it, or without playwright, the tests skip, except in CI (CI=true), where
+.ci/run installs it and a missing browser fails. Screenshots go to LORASERVE_SCREENSHOTS when set
+(`LORASERVE_SCREENSHOTS=docs/screenshots` refreshes the ones the README shows), else to a temporary
+folder, so a test run leaves the work tree as it was.
+"""
+
+import base64
+import json
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.config import Settings
+from tests.server_harness import RunningServer
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = Path(os.environ.get("LORASERVE_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+ADMIN_KEY = "console-admin-secret"
+UPPER = REPO / "adapters" / "upper"
+REVERSE = REPO / "adapters" / "reverse"
+FILES = ("adapter_config.json", "adapter_model.safetensors")
+WAIT_MS = 15_000
+
+
+def _playwright():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return None, "playwright is not installed (pip install -e '.[test]')"
+    if not CHROMIUM.exists():
+        return None, f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+    return sync_playwright, None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_playwright, missing = _playwright()
+    if missing and os.environ.get("CI") == "true":  # .ci/run installs them: a skip there would hide a failure
+        pytest.fail(missing + " (.ci/run should have installed it)")
+    if missing:
+        pytest.skip(missing)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("LORASERVE_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _demo_store(root: Path) -> Path:
+    store = root / "adapters"
+    shutil.copytree(REPO / "adapters", store, ignore=shutil.ignore_patterns(".*"))
+    return store
+
+
+def _settings(store: Path, **overrides) -> Settings:
+    return Settings(model=REPO / "demo" / "base", adapters_dir=store, dtype="float32", device="cpu",
+                    kv_cache_memory=32 * 1024**2, cpu_kernel=False, served_model_name="base", **overrides)
+
+
+class Api:
+    """The HTTP API with one key: what the tests do behind the browser's back."""
+
+    def __init__(self, url: str, key: str):
+        self.url, self.key = url, key
+
+    def __call__(self, method: str, path: str, **kwargs) -> httpx.Response:
+        response = httpx.request(method, self.url + path, headers={"Authorization": f"Bearer {self.key}"},
+                                 timeout=60, **kwargs)
+        assert response.status_code < 400, response.text
+        return response
+
+    def upload(self, name: str, directory: Path) -> None:
+        self("POST", "/v1/adapters", data={"name": name},
+             files={f: (f, (directory / f).read_bytes()) for f in FILES})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A server with auth on; tenants acme and globex, each with a key and an adapter; globex also has
+    a running experiment and has sent traffic, so its adapter sits in a device slot."""
+    store = _demo_store(tmp_path_factory.mktemp("console"))
+    with RunningServer(_settings(store, admin_key=ADMIN_KEY)) as server:
+        admin = Api(server.url, ADMIN_KEY)
+        keys = {}
+        for tenant in ("acme", "globex"):
+            admin("POST", "/v1/admin/tenants", json={"name": tenant})
+            keys[tenant] = admin("POST", "/v1/admin/keys", json={"role": "tenant", "tenant": tenant,
+                                                                  "label": "console"}).json()["key"]
+        acme, globex = Api(server.url, keys["acme"]), Api(server.url, keys["globex"])
+        acme.upload("acme-loud", UPPER)
+        globex.upload("globex-backwards", REVERSE)
+        globex("POST", "/v1/experiments", json={"name": "globex-trial", "status": "running", "variants": [
+            {"name": "A", "adapter": "globex-backwards"}, {"name": "B", "adapter": "base"}]})
+        globex("POST", "/v1/completions", json={"model": "globex-backwards", "prompt": "hi\n", "max_tokens": 4})
+        yield {"server": server, "admin": admin, "keys": keys}
+
+
+class Console:
+    """One browser tab on the console, recording every request it makes and every script error."""
+
+    def __init__(self, browser, url: str):
+        self.url = url
+        self.context = browser.new_context(viewport={"width": 1280, "height": 860})
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(WAIT_MS)
+        self.requests: list[str] = []
+        self.errors: list[str] = []
+        self.page.on("request", lambda request: self.requests.append(request.url))
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+
+    def open(self, page: str):
+        self.page.goto(f"{self.url}/ui/{page}")
+        return self.page
+
+    def sign_in(self, key: str, page: str = "adapters"):
+        self.open(page)
+        self.page.fill("#api-key", key)
+        self.page.click("#sign-in-form button")
+        self.page.wait_for_selector("#main", state="visible")
+        return self.page
+
+    def close(self) -> None:
+        self.context.close()
+        outside = [u for u in self.requests if not (u.startswith(self.url + "/") or u.startswith("data:"))]
+        assert not outside, f"requests outside the server: {outside}"
+        assert not self.errors, f"script errors: {self.errors}"
+
+
+@pytest.fixture
+def console(browser, world):
+    tabs = []
+
+    def open_console() -> Console:
+        tabs.append(Console(browser, world["server"].url))
+        return tabs[-1]
+
+    yield open_console
+    for tab in tabs:
+        tab.close()
+
+
+def test_sign_in_keeps_the_key_in_the_tab_and_refuses_a_bad_one(console, world, screenshots):
+    tab = console()
+    page = tab.page
+    page.goto(tab.url + "/")
+    assert page.url == tab.url + "/ui/adapters"
+    assert page.is_visible("#sign-in") and not page.is_visible("#main")
+    page.fill("#api-key", "lsk_not-a-key")
+    page.click("#sign-in-form button")
+    page.wait_for_selector("#sign-in-error:not([hidden])")
+    assert "refused" in page.text_content("#sign-in-error") and not page.is_visible("#main")
+
+    tab.sign_in(ADMIN_KEY)
+    assert page.text_content("#who-name") == "admin"
+    for name in ("reverse", "upper", "rot13"):
+        page.wait_for_selector(f'tr[data-adapter="{name}"]')
+    assert page.evaluate("sessionStorage.getItem('loraserve.key')") == ADMIN_KEY
+    assert page.evaluate("localStorage.length") == 0 and not tab.context.cookies()
+    page.reload()  # the tab keeps its key
+    page.wait_for_selector('tr[data-adapter="upper"]')
+    row = page.text_content('tr[data-adapter="upper"]')
+    assert "16 / 32" in row and "q_proj" in row and "KiB" in row
+    page.screenshot(path=screenshots / "console-adapters.png")
+
+    page.click("#sign-out")
+    page.wait_for_selector("#sign-in", state="visible")
+    assert page.evaluate("sessionStorage.getItem('loraserve.key')") is None
+
+
+def test_with_auth_off_a_banner_says_so(browser, tmp_path):
+    with RunningServer(_settings(_demo_store(tmp_path), auth="off")) as server:
+        tab = Console(browser, server.url)
+        page = tab.open("adapters")
+        page.wait_for_selector("#main", state="visible")  # no key asked for
+        assert "Auth is off" in page.text_content("#auth-off")
+        assert "auth off" in page.text_content("#who-name")
+        page.wait_for_selector('tr[data-adapter="rot13"]')
+        tab.close()
+
+
+def test_upload_by_the_form_then_warm_pin_and_delete(console, world):
+    page = console().sign_in(ADMIN_KEY)
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.fill("#upload-name", "shout")
+    page.fill("#upload-description", "upper-cases the copy")
+    page.set_input_files("#file-config", UPPER / FILES[0])
+    page.set_input_files("#file-weights", UPPER / FILES[1])
+    page.click("#upload-submit")
+    page.wait_for_selector('tr[data-adapter="shout"]')
+    assert "uploaded shout@1" in page.text_content("#upload-status")
+    assert "upper-cases the copy" in page.text_content('tr[data-adapter="shout"]')
+    assert page.is_hidden("#upload-errors")
+    assert world["admin"]("GET", "/v1/adapters/shout").json()["id"] == "shout@1"
+
+    row = 'tr[data-adapter="shout"]'
+    page.click(f"{row} button:has-text('warm')")
+    page.wait_for_selector(f"{row} .tier-device, {row} .tier-merged")
+    page.click(f"{row} button:has-text('pin merged')")
+    page.wait_for_selector(f"{row} .pill:text-is('pinned')")
+    assert world["admin"]("GET", "/v1/adapters/shout").json()["merge"]["pinned"]
+    page.click(f"{row} button:has-text('delete')")  # confirmed by the dialog handler
+    page.wait_for_selector(row, state="detached")
+    assert httpx.get(world["server"].url + "/v1/adapters/shout",
+                     headers={"Authorization": f"Bearer {ADMIN_KEY}"}).status_code == 404
+
+
+def test_a_refused_upload_shows_every_reason_in_place(console, world):
+    """Dropped files (a drag-and-drop), whose config claims rank 8 for rank-16 weights: 422 lists each
+    module's problem, and nothing is stored."""
+    page = console().sign_in(ADMIN_KEY)
+    config = json.loads((UPPER / FILES[0]).read_text())
+    config["r"] = 8
+    weights = base64.b64encode((UPPER / FILES[1]).read_bytes()).decode()
+    transfer = page.evaluate_handle("""([config, weights]) => {
+        const transfer = new DataTransfer();
+        const bytes = Uint8Array.from(atob(weights), (c) => c.charCodeAt(0));
+        transfer.items.add(new File([config], "adapter_config.json", {type: "application/json"}));
+        transfer.items.add(new File([bytes], "adapter_model.safetensors"));
+        return transfer;
+    }""", [json.dumps(config), weights])
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    assert "adapter_config.json" in page.text_content("#drop-files")
+    page.fill("#upload-name", "wrong-rank")
+    page.click("#upload-submit")
+    page.wait_for_selector("#upload-errors:not([hidden])")
+    assert "Refused (422)" in page.text_content("#upload-error-title")
+    problems = page.locator("#upload-problems li").all_text_contents()
+    assert len(problems) >= 2 and all("proj" in p for p in problems), problems
+    assert page.locator('tr[data-adapter="wrong-rank"]').count() == 0
+    names = [a["name"] for a in world["admin"]("GET", "/v1/adapters").json()["data"]]
+    assert "wrong-rank" not in names
+
+
+def test_the_playground_streams_two_adapters_side_by_side(console, screenshots):
+    page = console().sign_in(ADMIN_KEY, "playground")
+    page.wait_for_selector('#model-0 option[value="reverse"]', state="attached")
+    page.fill("#prompt", "hello world\n")
+    page.select_option("#model-0", "reverse")
+    page.select_option("#model-1", "upper")
+    page.select_option("#model-2", "base")
+    page.fill("#max-tokens", "20")
+    page.click("#run")
+    page.wait_for_selector('.answer[data-model="upper"][data-done="true"]')
+    page.wait_for_selector('.answer[data-model="reverse"][data-done="true"]')
+    page.wait_for_selector('.answer[data-model="base"][data-done="true"]')
+    text = {m: page.text_content(f'.answer[data-model="{m}"] .answer-text') for m in ("reverse", "upper", "base")}
+    assert text == {"reverse": "dlrow olleh", "upper": "HELLO WORLD", "base": "hello world"}
+    for model in text:
+        panel = f'.answer[data-model="{model}"]'
+        assert int(page.get_attribute(panel, "data-chunks")) > 1  # streamed, not one answer
+        stats = page.text_content(f"{panel} .answer-stats")
+        assert "TTFT" in stats and "finish: stop" in stats and "tokens" in stats
+    page.screenshot(path=screenshots / "console-playground.png")
+
+
+def test_an_experiment_updates_live_and_its_winner_is_promoted(console, world, screenshots):
+    """Created by the form; callers hit it through the API and score B higher; the page's results and
+    chart follow within a refresh, the verdict names B, and the promote button points an alias at it."""
+    page = console().sign_in(ADMIN_KEY, "experiments")
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.wait_for_selector('#variant-rows .variant select option[value="upper"]', state="attached")
+    page.fill("#exp-name", "loud-or-backwards")
+    page.fill("#exp-min-samples", "3")
+    selects = page.locator("#variant-rows .v-adapter")
+    selects.nth(0).select_option("upper")
+    selects.nth(1).select_option("reverse")
+    page.click("#exp-create")
+    page.wait_for_selector("#results-name:text-is('loud-or-backwards')")
+    assert "not enough data" in page.text_content("#verdict").lower()
+
+    admin = world["admin"]
+    for i in range(20):
+        response = admin("POST", "/v1/completions", json={
+            "model": "loud-or-backwards", "prompt": "hello world\n", "max_tokens": 20, "temperature": 0,
+            "user": f"caller-{i}"})
+        score = 1 if response.headers["x-experiment-variant"] == "B" else 0
+        admin("POST", "/v1/feedback", json={"request_id": response.json()["id"], "score": score})
+    page.wait_for_function("""() => [...document.querySelectorAll('#results-table td.requests')]
+        .reduce((sum, td) => sum + Number(td.textContent), 0) === 20""")
+    page.wait_for_selector('#verdict[data-winner="B"]')
+    points = json.loads(page.get_attribute("#ci-chart", "data-points"))
+    assert [p["name"] for p in points] == ["A", "B"] and points[1]["mean"] == 1 and points[0]["mean"] == 0
+    assert all(p["ci"][0] - 1e-9 <= p["mean"] <= p["ci"][1] + 1e-9 and p["ci"][1] - p["ci"][0] > 0.1 for p in points)
+    assert page.locator("#ci-chart canvas").count() == 1
+    page.locator("#results").screenshot(path=screenshots / "console-experiment.png")
+
+    page.fill("#promote-alias", "house-style")
+    page.click("#promote")
+    page.wait_for_selector("#promote-status:has-text('house-style')")
+    assert {"alias": "house-style", "target": "reverse@1"}.items() <= \
+        next(a for a in admin("GET", "/v1/aliases").json()["data"] if a["alias"] == "house-style").items()
+
+    row = 'tr[data-experiment="loud-or-backwards"]'
+    page.click(f"{row} button:has-text('pause')")
+    page.wait_for_selector(f"{row} .status-paused")
+    page.click(f"{row} button:has-text('stop')")  # confirmed by the dialog handler
+    page.wait_for_selector(f"{row} .status-stopped")
+    assert admin("GET", "/v1/experiments/loud-or-backwards").json()["status"] == "stopped"
+
+
+def test_a_tenant_sees_only_its_own(console, world, screenshots):
+    """acme's console: its adapter, none of globex's adapters or experiments, not even in the engine's
+    state; globex's key, in another tab, does see them."""
+    tab = console()
+    page = tab.sign_in(world["keys"]["acme"])
+    assert page.text_content("#who-name") == "tenant acme"
+    page.wait_for_selector('tr[data-adapter="acme-loud"]')
+    assert page.locator("#adapters tbody tr").count() == 1
+    for name in ("experiments", "playground", "server"):
+        tab.open(name).wait_for_selector("#main", state="visible")
+        page.wait_for_load_state("networkidle")
+        if name == "server":
+            page.wait_for_function("document.getElementById('s-slots').textContent.includes('/')")
+            assert page.is_hidden("#admin")
+        assert "globex" not in page.content()
+
+    other = console().sign_in(world["keys"]["globex"], "experiments")
+    other.wait_for_selector('tr[data-experiment="globex-trial"]')
+    other.goto(world["server"].url + "/ui/server")
+    other.wait_for_selector('#engine-adapters tr[data-adapter="globex-backwards@1"]')
+    assert "acme" not in other.content()
+
+    admin = console().sign_in(ADMIN_KEY, "server")
+    admin.wait_for_selector("#keys tbody tr")
+    admin.wait_for_selector('#engine-adapters tr[data-adapter="globex-backwards@1"]')
+    admin.wait_for_selector("#tps-chart canvas")
+    admin.screenshot(path=screenshots / "console-server.png")
