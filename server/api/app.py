@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI
 
 from server import __version__
 from server.api import routes_adapters, routes_admin, routes_experiments, routes_inference, routes_ops, routes_tokenize
+from server.api import console
 from server.api.access import Access
 from server.api.auth import AuthMiddleware, Authenticator, authenticate, require_admin
 from server.api.body_limit import BodySizeLimitMiddleware
@@ -142,4 +143,5 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (routes_inference, routes_tokenize, routes_adapters, routes_experiments):
         app.include_router(module.router, dependencies=[Depends(authenticate)])
     app.include_router(routes_admin.router, dependencies=[Depends(authenticate), Depends(require_admin)])
+    app.include_router(console.router)  # /ui (and / redirects there): pages that call the /v1 API
     return app
