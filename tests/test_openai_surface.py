@@ -56,7 +56,8 @@ def test_neutral_chat_parameters_change_nothing(client):
                                              **NEUTRAL_CHAT)
     assert neutral.choices[0].message.content == plain.choices[0].message.content
     streamed = client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=8, temperature=0,
-                                              stream=True, stream_options={"include_usage": True}, **NEUTRAL_CHAT)
+                                              stream=True, **NEUTRAL_CHAT,
+                                              stream_options={"include_usage": True, "include_obfuscation": False})
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == plain.choices[0].message.content
 
 
@@ -152,6 +153,7 @@ CONTROLS = [  # (openai SDK arguments, the engine's SamplingParams fields)
     (dict(extra_body={"repetition_penalty": 1.9}), dict(repetition_penalty=1.9)),
     (dict(temperature=1.0, seed=11, extra_body={"min_p": 0.3}), dict(temperature=1.0, seed=11, min_p=0.3)),
     (dict(temperature=1.0, seed=12, extra_body={"top_k": 3}), dict(temperature=1.0, seed=12, top_k=3)),
+    (dict(temperature=1.0, seed=13, top_p=0.4), dict(temperature=1.0, seed=13, top_p=0.4)),
     (dict(extra_body={"min_tokens": 6, "ignore_eos": False}), dict(min_tokens=6)),
 ]
 
@@ -258,3 +260,6 @@ def test_the_stop_token_is_neither_in_the_text_nor_in_the_logprobs(client):
     text = client.completions.create(model="alpha", prompt=PROMPT, max_tokens=4, temperature=0, logit_bias=eos,
                                      logprobs=1).choices[0]
     assert (text.text, text.logprobs.tokens, text.finish_reason) == ("", [], "stop")
+    past = client.completions.create(model="alpha", prompt=PROMPT, max_tokens=4, temperature=0, logit_bias=eos,
+                                     extra_body={"ignore_eos": True})
+    assert (past.usage.completion_tokens, past.choices[0].finish_reason) == (4, "length")
