@@ -7,8 +7,8 @@ whose winner is promoted, and a tenant's console showing nothing of another tena
 pages make goes to the server under test (nothing from the network) and no page raises a script error.
 
 The browser is Debian's Chromium (`/usr/bin/chromium`, or LORASERVE_CHROMIUM): Playwright cannot
-download its own here. Without it, or without playwright, the tests skip, except in CI (CI=true), where
-.ci/run installs it and a missing browser fails. Screenshots go to LORASERVE_SCREENSHOTS when set
+download its own here. Without it, or without playwright, the browser tests skip, except in CI
+(CI=true), where .ci/run installs it and a missing browser fails; the last three tests need no browser. Screenshots go to LORASERVE_SCREENSHOTS when set
 (`LORASERVE_SCREENSHOTS=docs/screenshots` refreshes the ones the README shows), else to a temporary
 folder, so a test run leaves the work tree as it was.
 """
@@ -345,3 +345,41 @@ def test_a_tenant_sees_only_its_own(console, world, screenshots):
     admin.wait_for_selector('#engine-adapters tr[data-adapter="globex-backwards@1"]')
     admin.wait_for_selector("#tps-chart canvas")
     admin.screenshot(path=screenshots / "console-server.png")
+
+
+# ---- without a browser: the pages carry no data, the files are a fixed set, the state endpoint filters ----
+
+def test_pages_need_no_key_and_carry_no_data(world):
+    url = world["server"].url
+    assert httpx.get(url + "/", follow_redirects=False).headers["location"] == "/ui"
+    for page in ("adapters", "playground", "experiments", "server"):
+        response = httpx.get(f"{url}/ui/{page}")
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+        assert "acme" not in response.text and "globex" not in response.text and 'data-auth="on"' in response.text
+    assert httpx.get(url + "/ui/nosuch").status_code == 404
+
+
+def test_static_files_are_a_fixed_set(world):
+    url = world["server"].url
+    script = httpx.get(url + "/ui/static/vendor/uplot/uPlot.iife.min.js")
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    assert "v1.6.32" in script.text[:100]
+    assert httpx.get(url + "/ui/static/vendor/uplot/LICENSE").status_code == 200
+    for path in ("../routes.py", "..%2Froutes.py", "%2e%2e/__init__.py", "templates/base.html", "nosuch.js"):
+        assert httpx.get(f"{url}/ui/static/{path}").status_code == 404, path
+
+
+def test_server_state_names_only_what_the_key_may_see(world):
+    url, keys = world["server"].url, world["keys"]
+
+    def state(key: str | None) -> httpx.Response:
+        return httpx.get(url + "/v1/server/state", headers={"Authorization": f"Bearer {key}"} if key else {})
+
+    assert state(None).status_code == 401 and state("lsk_wrong").status_code == 401
+    admin, acme, globex = (state(k).json() for k in (ADMIN_KEY, keys["acme"], keys["globex"]))
+    assert admin["caller"] == {"role": "admin", "tenant": None, "auth": True}
+    assert acme["caller"] == {"role": "tenant", "tenant": "acme", "auth": True}
+    assert "globex-backwards@1" in admin["device_adapters"] and "globex-backwards@1" in globex["device_adapters"]
+    assert not any("globex" in json.dumps(acme[k]) for k in ("device_adapters", "merged", "traffic_shares", "retiring"))
+    assert acme["slots"] == admin["slots"] and acme["slots"]["used"] >= 1  # the engine's counts, not names
+    assert admin["counters"]["tokens_generated"] > 0 and 0 <= admin["kv_cache"]["usage"] <= 1
