@@ -61,13 +61,13 @@ def check_architecture(config: PreTrainedConfig) -> None:
 
 @dataclass
 class _Recording:
-    calls: list[tuple[torch.nn.Module, torch.Size, dict]] = field(default_factory=list)
+    calls: list[tuple[torch.nn.Module, torch.Size, torch.Size, dict]] = field(default_factory=list)
 
 
 def _recording_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """Records the call, answers with plain causal attention so the forward goes on."""
     recording: _Recording = kwargs["attn_metadata"]
-    recording.calls.append((module, key.shape, dict(kwargs, scaling=scaling)))
+    recording.calls.append((module, key.shape, value.shape, dict(kwargs, scaling=scaling)))
     out = scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2), None
 
@@ -94,16 +94,16 @@ def probe_attention(model: PreTrainedModel, shape: KVShape, served_name: str) ->
 
 
 def _problems(recording: _Recording, shape: KVShape) -> list[str]:
-    layers = [getattr(module, "layer_idx", None) for module, _, _ in recording.calls]
+    layers = [getattr(module, "layer_idx", None) for module, *_ in recording.calls]
     if None in layers or sorted(layers) != list(range(shape.num_layers)):
         return [f"attention was called for layers {layers}, the KV cache needs each of 0..{shape.num_layers - 1} "
                 "once"]
     problems: dict[str, list[int]] = {}  # problem -> layers that have it
-    for module, key_shape, kwargs in recording.calls:
-        found = []
-        if (key_shape[1], key_shape[3]) != (shape.num_kv_heads, shape.head_dim):
-            found.append(f"keys of {key_shape[1]} heads × {key_shape[3]} dims where the KV cache holds "
-                         f"{shape.num_kv_heads} × {shape.head_dim}")
+    for module, key_shape, value_shape, kwargs in recording.calls:
+        found = [f"its attention's {kind} differ from the KV cache's shape ({got[1]} heads × {got[3]} dims where "
+                 f"the cache holds {shape.num_kv_heads} × {shape.head_dim})"
+                 for kind, got in (("keys", key_shape), ("values", value_shape))
+                 if (got[1], got[3]) != (shape.num_kv_heads, shape.head_dim)]
         if getattr(module, "is_causal", True) is False:
             found.append("bidirectional attention (the engine attends causally)")
         unknown = sorted(name for name, value in kwargs.items() if not _honoured(name, value))
