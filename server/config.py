@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     # HTTP
     host: str = Field("127.0.0.1", description="Address the HTTP server listens on (0.0.0.0 = all).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port of the HTTP server.")
-    log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON or as plain text.")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="Log lines as JSON or as plain text; auto: text when stderr is a terminal, else JSON.")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="Time in-flight requests get to finish.")
     # Limits of every connection, checked before the application sees a request (server/api/http_protocol.py).
     max_connections: int = Field(1024, ge=1, description="Open HTTP connections at most; more: 503 and closed.")

@@ -15,6 +15,7 @@ folder, so a test run leaves the work tree as it was.
 
 import base64
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -187,8 +188,10 @@ def test_sign_in_keeps_the_key_in_the_tab_and_refuses_a_bad_one(console, world, 
     assert page.evaluate("sessionStorage.getItem('loraserve.key')") is None
 
 
-def test_with_auth_off_a_banner_says_so(browser, tmp_path):
+def test_with_auth_off_a_banner_says_so(browser, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     with RunningServer(_settings(_demo_store(tmp_path), auth="off")) as server:
+        assert any(f"console: {server.url}/ui" in r.getMessage() for r in caplog.records)  # the start-up line
         tab = Console(browser, server.url)
         page = tab.open("adapters")
         page.wait_for_selector("#main", state="visible")  # no key asked for

@@ -123,9 +123,9 @@ def create_app(settings: Settings) -> FastAPI:
         state.engine.start()
         app.state.loraserve = state
         _log_auth(state)
-        log.info("serving %s with %d adapters on http://%s:%d (auth: %s)", state.models.base_name,
-                 len(state.registry.latest_versions()), settings.host, settings.port,
-                 "on" if state.auth.enabled else "OFF")
+        log.info("serving %s with %d adapters on http://%s:%d (auth: %s); console: http://%s:%d/ui",
+                 state.models.base_name, len(state.registry.latest_versions()), settings.host, settings.port,
+                 "on" if state.auth.enabled else "OFF", settings.host, settings.port)
         try:
             yield
         finally:

@@ -3,6 +3,7 @@
 import contextvars
 import json
 import logging
+import sys
 import time
 import uuid
 
@@ -31,7 +32,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(log_format: str) -> None:
+    """`auto`: readable lines for a person at a terminal, JSON for a collector reading a pipe or a file."""
     handler = logging.StreamHandler()
+    if log_format == "auto":
+        log_format = "text" if sys.stderr.isatty() else "json"
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
