@@ -194,7 +194,8 @@ def test_best_of_returns_the_most_likely(client):
 
 @pytest.mark.parametrize("kwargs, param", [
     (dict(logit_bias={"7": 101}), "logit_bias"), (dict(logit_bias={"abc": 1}), "logit_bias"),
-    (dict(logit_bias={"999999": 1}), "logit_bias"), (dict(frequency_penalty=2.5), "frequency_penalty"),
+    (dict(logit_bias={"999999": 1}), "logit_bias"), (dict(logit_bias={"\u00b2": 1}), "logit_bias"),
+    (dict(logit_bias={"9" * 5000: 1}), "logit_bias"), (dict(frequency_penalty=2.5), "frequency_penalty"),
     (dict(presence_penalty=-2.1), "presence_penalty"), (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
     (dict(extra_body={"min_p": 1.2}), "min_p"), (dict(extra_body={"min_tokens": -1}), "min_tokens"),
 ])

@@ -41,6 +41,10 @@ def _neutral(*values: Any, feature: str):
     return AfterValidator(check)
 
 
+def _is_token_id(key: str) -> bool:
+    return key.isascii() and key.isdigit() and len(key) <= 10  # not "²", nor more digits than int() takes
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # an unknown field is a 400 naming it, never ignored
 
@@ -67,7 +71,7 @@ class _SamplingFields(_Strict):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="loraserve extension: 0 = off")
+    top_k: int = Field(0, ge=0, description="vLLM extension: 0 = off")
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -81,7 +85,7 @@ class _SamplingFields(_Strict):
     repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
                                       description="vLLM extension: 1 = off")
     min_p: float = Field(0.0, ge=0, le=1, description="vLLM extension: 0 = off")
-    min_tokens: int = Field(0, ge=0, description="vLLM extension: no EOS or stop token before this many tokens")
+    min_tokens: int = Field(0, ge=0, description="vLLM extension: EOS is banned until this many tokens were generated")
     # Sent by clients with these values; other values are not supported yet.
     service_tier: Annotated[str | None, _neutral(None, "auto", "default", feature="service_tier")] = None
     store: Annotated[bool | None, _neutral(None, False, feature="storing completions")] = None
@@ -90,7 +94,7 @@ class _SamplingFields(_Strict):
     @field_validator("logit_bias")
     @classmethod
     def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value is not None and (len(value) > MAX_LOGIT_BIAS or not all(key.isdigit() for key in value)):
+        if value is not None and (len(value) > MAX_LOGIT_BIAS or not all(_is_token_id(key) for key in value)):
             raise ValueError(f"logit_bias maps at most {MAX_LOGIT_BIAS} token ids (as strings) to biases")
         return value
 
