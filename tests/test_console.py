@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import httpx
@@ -128,6 +129,8 @@ class Console:
         self.errors: list[str] = []
         self.page.on("request", lambda request: self.requests.append(request.url))
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.page.on("console", lambda message: self.errors.append(message.text)
+                     if "Content Security Policy" in message.text else None)
 
     def open(self, page: str):
         self.page.goto(f"{self.url}/ui/{page}")
@@ -343,11 +346,27 @@ def test_a_tenant_sees_only_its_own(console, world, screenshots):
     other.wait_for_selector('#engine-adapters tr[data-adapter="globex-backwards@1"]')
     assert "acme" not in other.content()
 
-    admin = console().sign_in(ADMIN_KEY, "server")
-    admin.wait_for_selector("#keys tbody tr")
-    admin.wait_for_selector('#engine-adapters tr[data-adapter="globex-backwards@1"]')
-    admin.wait_for_selector("#tps-chart canvas")
-    admin.screenshot(path=screenshots / "console-server.png")
+    # The admin's Server page while traffic runs: tenants and keys, every adapter, tokens/s charted.
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            for model in ("reverse", "upper", "rot13"):
+                world["admin"]("POST", "/v1/completions", json={"model": model, "prompt": "hello world\n",
+                                                                "max_tokens": 20, "temperature": 0})
+
+    driver = threading.Thread(target=traffic)
+    driver.start()
+    try:
+        admin = console().sign_in(ADMIN_KEY, "server")
+        admin.wait_for_selector("#keys tbody tr")
+        admin.wait_for_selector('#engine-adapters tr[data-adapter="globex-backwards@1"]')
+        admin.wait_for_selector("#tps-chart canvas")
+        assert float(admin.text_content("#s-tps")) > 0
+        admin.screenshot(path=screenshots / "console-server.png")
+    finally:
+        stop.set()
+        driver.join()
 
 
 # ---- without a browser: the pages carry no data, the files are a fixed set, the state endpoint filters ----
@@ -359,6 +378,7 @@ def test_pages_need_no_key_and_carry_no_data(world):
         response = httpx.get(f"{url}/ui/{page}")
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
         assert "acme" not in response.text and "globex" not in response.text and 'data-auth="on"' in response.text
+        assert "connect-src 'self'" in response.headers["content-security-policy"]
     assert httpx.get(url + "/ui/nosuch").status_code == 404
 
 

@@ -18,6 +18,15 @@ PAGES = {"adapters": "Adapters", "playground": "Playground", "experiments": "Exp
 # path from a URL ever reaches the file system.
 FILES = {p.relative_to(STATIC).as_posix(): p for p in STATIC.rglob("*") if p.is_file()}
 _TYPES = {".js": "text/javascript", ".css": "text/css", ".md": "text/markdown"}
+# A page holding an API key talks to this server only: scripts, styles, images and fetches from this
+# origin (the browser refuses anything else), and no other site may frame it.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; connect-src 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -39,7 +48,8 @@ async def static_file(path: str) -> FileResponse:
     if file is None:
         raise ApiError(404, f"no console file {path!r}", code="not_found")
     media_type = _TYPES.get(file.suffix) or mimetypes.guess_type(file.name)[0] or "application/octet-stream"
-    return FileResponse(file, media_type=media_type, headers={"Cache-Control": "public, max-age=3600"})
+    return FileResponse(file, media_type=media_type,
+                        headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"})
 
 
 @router.get("/ui/{page}", response_class=HTMLResponse)
@@ -54,5 +64,4 @@ async def console_page(request: Request, page: str) -> HTMLResponse:
         "auth": "starting" if state is None else ("on" if state.auth.enabled else "off"),
         "base_name": state.models.base_name if state is not None else "",
     }
-    return templates.TemplateResponse(request, f"{page}.html", context,
-                                      headers={"Cache-Control": "no-store"})
+    return templates.TemplateResponse(request, f"{page}.html", context, headers=PAGE_HEADERS)

@@ -82,6 +82,8 @@ const Console = (() => {
       if (v === null || v === undefined || v === false) continue;
       if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
       else if (k === "dataset") Object.assign(el.dataset, v);
+      else if (k === "style") el.style.cssText = v; // CSSOM: allowed by the page's style-src 'self'
+
       else el.setAttribute(k, v === true ? "" : v);
     }
     for (const child of children.flat()) {

@@ -11,10 +11,11 @@
 
   function plot() {
     const el = $("tps-chart");
+    if (series[0].length < 2) return; // a time axis needs two readings
     if (!chart) {
       chart = new uPlot({
         width: Math.max(320, Math.min(900, el.clientWidth || 720)), height: 200,
-        scales: {x: {time: true, range: (u, min, max) => [Math.min(min, max - 60), max]}, y: {range: (u, min, max) => [0, Math.max(1, max)]}},
+        scales: {x: {time: true}, y: {range: (u, min, max) => [0, Math.max(1, max)]}},
         series: [{}, {label: "tokens/s", stroke: "#1f5fbf", width: 2},
           {label: "running", stroke: "#2f9e44", width: 1}, {label: "waiting", stroke: "#e8590c", width: 1}],
         axes: [{}, {size: 50}],
