@@ -90,6 +90,9 @@ FAMILIES = [
     Family("Cohere", tf.CohereConfig(**LLAMA_LIKE)),
     Family("Granite", tf.GraniteConfig(**LLAMA_LIKE)),
     Family("Phi", tf.PhiConfig(**dict(LLAMA_LIKE, num_key_value_heads=4))),
+    Family("GPT-OSS", tf.GptOssConfig(**LLAMA_LIKE, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                      sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+           "attention sinks, sliding window on layer 1", dict(sliding_window=4096), adapter_targets=ATTENTION_ONLY),
     Family("Bloom", tf.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4),
            refused="its attention does not go through transformers' attention interface"),
     Family("MPT", tf.MptConfig(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2),
@@ -99,14 +102,15 @@ FAMILIES = [
     Family("GPT-Neo", tf.GPTNeoConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4,
                                       attention_types=[[["global", "local"], 1]], window_size=WINDOW),
            refused="its attention does not go through transformers' attention interface"),
-    Family("GPT-OSS", tf.GptOssConfig(**LLAMA_LIKE, head_dim=16, num_local_experts=4, num_experts_per_tok=2),
-           refused="passes s_aux to its attention, which the engine does not implement"),
     Family("DeepSeek-V3", tf.DeepseekV3Config(**dict(LLAMA_LIKE, num_key_value_heads=4), q_lora_rank=None,
                                               kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
                                               v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
                                               first_k_dense_replace=1, moe_intermediate_size=32, n_group=1,
                                               topk_group=1),
            refused="its attention's keys differ from the KV cache's shape"),
+    Family("Llama-4", tf.Llama4TextConfig(**LLAMA_LIKE, head_dim=16, intermediate_size_mlp=128, num_local_experts=2,
+                                          attention_chunk_size=8, no_rope_layers=[1, 0]),
+           refused="layer types chunked_attention are not implemented by the engine's paged attention"),
     Family("Llama with LongRoPE", tf.LlamaConfig(**LLAMA_LIKE, rope_parameters=LONGROPE),
            refused="LongRoPE on model type 'llama', whose generate keeps keys computed with the short factors"),
 ]
@@ -168,12 +172,15 @@ class FamilyModels:
     def greedy(self, family: Family, prompt: list[int], with_adapter: bool, feature_on: bool = True) -> list[int]:
         key = family.key, tuple(prompt), with_adapter, feature_on
         if key not in self._greedy:
-            model = self.reference(family, with_adapter, feature_on)
-            with torch.inference_mode():
-                out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
-                                     max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
-            self._greedy[key] = out[0, len(prompt):].tolist()
+            self._greedy[key] = _greedy(self.reference(family, with_adapter, feature_on), prompt)
         return self._greedy[key]
+
+
+def _greedy(model, prompt: list[int]) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                             max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +222,18 @@ def test_mixed_batch_matches_each_alone(models, family):
     got = models.engine(family).generate([p for p, _ in cases], GREEDY, [a for _, a in cases])
     for (prompt, adapter), completion in zip(cases, got):
         assert completion.token_ids == models.greedy(family, prompt, adapter is not None), (len(prompt), adapter)
+
+
+def test_attention_sinks_change_transformers_output(models):
+    """GPT-OSS's sinks are not a config switch: a sink at −∞ takes no share, which is attention without one."""
+    gpt_oss = next(f for f in SERVED if f.name == "GPT-OSS")
+    with_sinks = models.greedy(gpt_oss, PROMPTS[2], False)
+    model = AutoModelForCausalLM.from_pretrained(models.dirs(gpt_oss)[0], dtype=torch.float32,
+                                                 attn_implementation="eager")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.fill_(float("-inf"))
+    assert _greedy(model.eval(), PROMPTS[2]) != with_sinks
 
 
 def test_longrope_short_request_ignores_a_long_neighbour(models):

@@ -12,8 +12,10 @@ eager attention computes from the same arguments):
     s_ij = softcap · tanh(s_ij / softcap)          (layers with logit soft-capping: Gemma-2)
     i attends to j  iff  j ≤ i, and j > i − sliding_window in a windowed layer (Mistral, Gemma-2/3 local)
     out_i = Σ_j softmax_j(s_ij) · v_j
+    with attention sinks (`s_aux`, one logit per head: GPT-OSS) the softmax runs over [s_i·, sink_h] and
+    the sink's share is dropped: out_i = Σ_j exp(s_ij) · v_j / (Σ_j exp(s_ij) + exp(sink_h))
 Windows come per call (`sliding_window`), so local and global layers of one model differ. SDPA serves
-every layer without soft-capping (a boolean mask carries the window); a soft-capped layer is computed
+every layer without soft-capping or sinks (a boolean mask carries the window); the others are computed
 explicitly.
 """
 
@@ -54,7 +56,7 @@ class AttentionMetadata:
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                     sliding_window: int | None = None, softcap: float | None = None,
-                    **kwargs) -> tuple[torch.Tensor, None]:
+                    s_aux: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query (1, H, T, D), key/value (1, Hkv, T, D) -> output (1, T, H, D)."""
     meta: AttentionMetadata = kwargs["attn_metadata"]
     layer = module.layer_idx
@@ -63,14 +65,14 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     for start, end in meta.prefills:
         mask = None if sliding_window is None else _window_mask(end - start, sliding_window, query.device)
         attended = _attend(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], mask, scaling,
-                           softcap)
+                           softcap, s_aux)
         out[start:end] = attended[0].transpose(0, 1)
     decode = meta.decode
     if decode is not None:
         keys = meta.kv_cache.keys[layer][decode.kv_rows].transpose(1, 2)  # (B, Hkv, L, D)
         values = meta.kv_cache.values[layer][decode.kv_rows].transpose(1, 2)
         queries = query[0].index_select(1, decode.token_index).transpose(0, 1).unsqueeze(2)  # (B, H, 1, D)
-        attended = _attend(queries, keys, values, decode.mask(sliding_window), scaling, softcap)
+        attended = _attend(queries, keys, values, decode.mask(sliding_window), scaling, softcap, s_aux)
         out.index_copy_(0, decode.token_index, attended[:, :, 0])
     return out.unsqueeze(0), None
 
@@ -82,10 +84,11 @@ def _window_mask(length: int, sliding_window: int, device: torch.device) -> torc
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-            scaling: float | None, softcap: float | None) -> torch.Tensor:
+            scaling: float | None, softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
     """(B, H, Tq, D) from keys/values (B, Hkv, Tk, D); `mask` (broadcast to (B, H, Tq, Tk)) True where a
-    query may attend, None for causal. SDPA unless the scores are soft-capped, which SDPA cannot express."""
-    if softcap is None:
+    query may attend, None for causal. SDPA unless the scores are soft-capped or compete with sinks (H,),
+    which SDPA cannot express."""
+    if softcap is None and sinks is None:
         return scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None,
                                             scale=scaling, enable_gqa=True)
     if mask is None:
@@ -94,9 +97,14 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), value)
+    if sinks is None:
+        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), value)
+    scores = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)], dim=-1)
+    scores = scores - scores.max(dim=-1, keepdim=True).values  # as transformers' eager does
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32)[..., :-1].to(query.dtype), value)
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention)

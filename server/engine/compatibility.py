@@ -28,10 +28,13 @@ PROBE_NAME = "loraserve_probe"
 PROBE_TOKENS = 8
 # Keyword arguments the paged attention honours (any value), or that only carry the runner's own inputs or
 # flags meant for other modules (a MoE router's `output_router_logits`).
-HONOURED = frozenset({"scaling", "sliding_window", "softcap", "attn_metadata", "position_ids", "use_cache",
-                      "output_router_logits"})
+HONOURED = frozenset({"scaling", "sliding_window", "softcap", "s_aux", "attn_metadata", "position_ids",
+                      "use_cache", "output_router_logits"})
 # Keyword arguments that change nothing at these values (dropout is 0 in eval mode).
 INERT = {"dropout": (0.0,)}
+# Layer types (`config.layer_types`) the paged attention implements, and those that only describe the MLP.
+SERVED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+MLP_LAYER_TYPES = frozenset({"dense", "sparse"})
 
 
 class UnsupportedModelError(LoraserveError):
@@ -39,8 +42,9 @@ class UnsupportedModelError(LoraserveError):
 
 
 def check_architecture(config: PreTrainedConfig) -> None:
-    """Before loading: refuse a class whose attention bypasses the attention interface, or a rope type
-    whose frequencies depend on the whole batch unless the engine runs it per sequence."""
+    """Before loading: refuse a class whose attention bypasses the attention interface, layer types other
+    than full and sliding-window attention (chunked, linear/recurrent, sparse...), or LongRoPE where the
+    engine cannot match transformers."""
     name = _architecture(config)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise UnsupportedModelError(f"{name}: not a causal language model transformers can build")
@@ -49,6 +53,12 @@ def check_architecture(config: PreTrainedConfig) -> None:
         raise UnsupportedModelError(
             f"{name}: its attention does not go through transformers' attention interface "
             "(its modeling code computes attention itself), so the engine's paged attention cannot serve it"
+        )
+    layer_types = set(getattr(config.get_text_config(), "layer_types", None) or ()) - MLP_LAYER_TYPES
+    if layer_types - SERVED_LAYER_TYPES:
+        raise UnsupportedModelError(
+            f"{name}: layer types {', '.join(sorted(layer_types - SERVED_LAYER_TYPES))} are not implemented by "
+            "the engine's paged attention (it serves full and sliding-window attention)"
         )
     # dynamic NTK rescales only past max_position_embeddings, beyond the engine's context limit: inert here.
     if _rope_types(config) & PER_SEQUENCE_ROPE_TYPES and config.model_type not in RECOMPUTE_AT_SWITCH:
