@@ -147,10 +147,45 @@ def test_vllm_prompt_logprobs(server, llama_dir, adapter_dirs):
                                                                 temperature=0).choices[0].text
 
 
+@pytest.mark.parametrize("kwargs", [dict(echo=True, logprobs=2, max_tokens=5), dict(echo=True, max_tokens=0, n=2),
+                                    dict(extra_body={"prompt_logprobs": 1}, logprobs=1, max_tokens=3),
+                                    dict(echo=True, logprobs=0, max_tokens=0, extra_body={"prompt_logprobs": 0})])
+def test_streamed_echo_adds_up_to_the_whole_response(server, kwargs):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    prompt = ["Hello, stream!", "Tokens \u00e9\u00e8!"]
+    whole = client.completions.create(model="pa", prompt=prompt, temperature=0, **kwargs)
+    chunks = list(client.completions.create(model="pa", prompt=prompt, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, **kwargs))
+    assert chunks[-1].usage == whole.usage
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text and mine[-1].finish_reason == choice.finish_reason
+        if choice.logprobs is not None:
+            for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                _assert_close(sum((getattr(c.logprobs, key) for c in mine), []), getattr(choice.logprobs, key))
+        streamed_prompt = [c.model_extra.get("prompt_logprobs") for c in mine]
+        _assert_close(streamed_prompt[0], choice.model_extra.get("prompt_logprobs"))
+        assert not any(streamed_prompt[1:])
+
+
+def _assert_close(streamed, whole) -> None:
+    """Equal up to float noise: the two runs batch their requests differently."""
+    if isinstance(whole, dict):
+        assert streamed.keys() == whole.keys()
+        for key in whole:
+            _assert_close(streamed[key], whole[key])
+    elif isinstance(whole, list):
+        assert len(streamed) == len(whole)
+        for a, b in zip(streamed, whole):
+            _assert_close(a, b)
+    elif isinstance(whole, float):
+        assert streamed == pytest.approx(whole, abs=TOLERANCE)
+    else:
+        assert streamed == whole
+
+
 @pytest.mark.parametrize("body, param", [
     (dict(max_tokens=0), "max_tokens"),
-    (dict(echo=True, stream=True), "echo"),
-    (dict(prompt_logprobs=1, stream=True), "prompt_logprobs"),
     (dict(prompt_logprobs=21), "prompt_logprobs"),
 ])
 def test_refusals(server, body, param):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
+from transformers import PreTrainedTokenizerBase
 
 from server.api import openai_format as fmt
 from server.api.chat import chat_prompt
@@ -30,6 +31,7 @@ class _Choice:
     text: str = ""
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs] | None = None
+    token_chars: int = 0  # the length of the token strings streamed so far: where the next text_offset starts
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -156,34 +158,53 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
     params = _sampling(body, max(body.token_limit(), 1), body.logprobs if best_of == body.n else body.logprobs or 0,
                        prompt_top)
     prompts = body.prompts()
+    echo = _Echo.of(prompts, state.tokenizer) if body.echo else None
     response_id = f"cmpl-{request.state.request_id}"
     generated, target = await _run(
         request, state, body, prompts, params, best_of, "completions", params.max_tokens * best_of * len(prompts),
-        lambda outputs: _completion_chunks(state, outputs, response_id, body, len(prompts) * body.n))
+        lambda outputs: _completion_chunks(state, outputs, response_id, body, len(prompts) * body.n, echo))
     if isinstance(generated, StreamingResponse):
         return generated
     response.headers.update(_variant_header(target))
     if body.token_limit() == 0:
         generated = [replace(c, text="", logprobs=[], completion_tokens=0, finish_reason="length") for c in generated]
     formatter = fmt.LogprobFormatter(state.tokenizer)
-    echoed = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in prompts] if body.echo else None
-    prompt_ids = [p if isinstance(p, list) else state.tokenizer.encode(p) for p in prompts] if body.echo else None
-    best = _best(generated, best_of, body.n)
     return fmt.envelope(response_id, "text_completion", body.model, [
-        _completion_choice(i, c, body, formatter, i // body.n, echoed, prompt_ids) for i, c in enumerate(best)
+        _completion_choice(i, c.text, c.logprobs, c.prompt_logprobs, c.finish_reason, body, formatter,
+                           echo.prompt(i // body.n) if echo else None, 0)
+        for i, c in enumerate(_best(generated, best_of, body.n))
     ], _usage(generated, best_of))
 
 
-def _completion_choice(index: int, choice: _Choice, body: CompletionRequest, formatter: fmt.LogprobFormatter,
-                       prompt: int, echoed: list[str] | None, prompt_ids: list[list[int]] | None) -> dict:
-    """One choice of a whole completions response; with echo, the prompt (and its logprobs) first."""
-    text, entries, first = choice.text, choice.logprobs, None
-    if echoed is not None:
-        text, entries, first = echoed[prompt] + text, (choice.prompt_logprobs or []) + entries, prompt_ids[prompt][0]
-    answer = {"index": index, "text": text, "finish_reason": choice.finish_reason,
-              "logprobs": formatter.completion(entries, 0, first) if body.logprobs is not None else None}
-    if body.prompt_logprobs is not None:
-        answer["prompt_logprobs"] = formatter.prompt(choice.prompt_logprobs or [])
+@dataclass(frozen=True)
+class _Echo:
+    """The prompts of a completions request as echo shows them: their text, and their first tokens (the
+    only ones without a logprob)."""
+
+    texts: list[str]
+    first_tokens: list[int]
+
+    @classmethod
+    def of(cls, prompts: list[str | list[int]], tokenizer: PreTrainedTokenizerBase) -> "_Echo":
+        ids = [p if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
+        return cls([p if isinstance(p, str) else tokenizer.decode(p) for p in prompts], [i[0] for i in ids])
+
+    def prompt(self, index: int) -> tuple[str, int]:
+        return self.texts[index], self.first_tokens[index]
+
+
+def _completion_choice(index: int, text: str, entries: list[TokenLogprobs], prompt_entries: list[TokenLogprobs] | None,
+                       finish_reason: str | None, body: CompletionRequest, formatter: fmt.LogprobFormatter,
+                       echo: tuple[str, int] | None, text_offset: int) -> dict:
+    """One choice of a completions response or chunk; `echo` (the prompt's text and first token) puts the
+    prompt, and its logprobs, first."""
+    first = None
+    if echo is not None:
+        text, entries, first = echo[0] + text, (prompt_entries or []) + entries, echo[1]
+    answer = {"index": index, "text": text, "finish_reason": finish_reason,
+              "logprobs": formatter.completion(entries, text_offset, first) if body.logprobs is not None else None}
+    if body.prompt_logprobs is not None and prompt_entries is not None:
+        answer["prompt_logprobs"] = formatter.prompt(prompt_entries)
     return answer
 
 
@@ -192,9 +213,6 @@ def _prompt_top(body: CompletionRequest) -> int | None:
     if body.token_limit() == 0 and not body.echo:
         raise ApiError(400, "max_tokens=0 needs echo (the prompt is all there is to return)", param="max_tokens",
                        code="invalid_parameter")
-    for name in ("echo", "prompt_logprobs"):
-        if getattr(body, name) and body.stream:
-            raise ApiError(400, f"{name} cannot be streamed yet", param=name, code="unsupported_parameter")
     asked = [k for k in (body.prompt_logprobs, body.logprobs if body.echo else None) if k is not None]
     return max(asked, default=None)
 
@@ -210,16 +228,20 @@ def _best_of(body: CompletionRequest) -> int:
 
 
 async def _completion_chunks(state: AppState, outputs: AsyncIterator[ChoiceOutput], response_id: str,
-                             body: CompletionRequest, count: int) -> AsyncIterator[str]:
+                             body: CompletionRequest, count: int, echo: _Echo | None) -> AsyncIterator[str]:
     choices = [_Choice() for _ in range(count)]
-    logprobs = fmt.LogprobFormatter(state.tokenizer)
+    formatter = fmt.LogprobFormatter(state.tokenizer)
+    prompt_only = body.token_limit() == 0  # the one token sampled is not returned
     async for item in outputs:
         out, choice = item.output, choices[item.index]
-        entry = {"index": item.index, "text": out.text,
-                 "finish_reason": out.finish_reason.value if out.finished else None,
-                 "logprobs": logprobs.completion(out.logprobs, len(choice.text)) if body.logprobs is not None else None}
-        choice.text += out.text
-        choice.prompt_tokens, choice.completion_tokens = out.prompt_tokens, out.completion_tokens
+        first_output = not choice.prompt_tokens
+        text, entries = ("", []) if prompt_only else (out.text, out.logprobs)
+        finish = ("length" if prompt_only else out.finish_reason.value) if out.finished else None
+        entry = _completion_choice(item.index, text, entries, out.prompt_logprobs, finish, body, formatter,
+                                   echo.prompt(item.index // body.n) if echo and first_output else None,
+                                   choice.token_chars)
+        choice.token_chars += sum(map(len, entry["logprobs"]["tokens"])) if entry["logprobs"] else 0
+        choice.prompt_tokens, choice.completion_tokens = out.prompt_tokens, 0 if prompt_only else out.completion_tokens
         yield fmt.sse(fmt.envelope(response_id, "text_completion", body.model, [entry]))
     if body.stream_options and body.stream_options.include_usage:
         yield fmt.sse(fmt.envelope(response_id, "text_completion", body.model, [], _usage(choices, body.n)))
