@@ -112,3 +112,25 @@ def test_seed_outside_what_a_generator_takes_is_refused():
     with pytest.raises(ValueError, match="seed"):
         SamplingParams(seed=2**64)
     assert torch.Generator().manual_seed(2**64 - 1) is not None
+
+
+def test_a_step_that_fails_whatever_is_left_out_fails_only_its_own_requests(llama_dir, adapter_dirs, solo):
+    """Fault injection: while the flag is up every forward raises, so no request fails alone. The step's
+    requests end with an error each (none hangs), and the engine serves the next request as if nothing
+    had happened."""
+    engine = _engine(llama_dir, adapter_dirs)
+    real_run, broken = engine.runner.run, {"on": True}
+
+    def failing_run(batch):
+        if broken["on"]:
+            raise RuntimeError("injected fault")
+        return real_run(batch)
+
+    engine.runner.run = failing_run
+    for i, (prompt, adapter) in enumerate(JOBS[:2]):
+        engine.add_request(f"r{i}", prompt, GREEDY, adapter)
+    failed = engine.step()
+    assert sorted((o.request_id, o.finish_reason.value) for o in failed) == [("r0", "abort"), ("r1", "abort")]
+    assert all(o.error == "the forward pass failed for this request (RuntimeError)" for o in failed)
+    broken["on"] = False
+    assert _run(engine, [JOBS[2]]) == [solo[2]]

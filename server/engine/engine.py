@@ -274,21 +274,29 @@ class LLMEngine:
         """runner.run(batch); when it raises, each sequence is tried alone, those that fail alone are
         failed (their outputs returned) and the rest runs. A forward that raises leaves no trace in a
         sequence (its computed count moves only on success); a trial that succeeds is undone by resetting
-        that count, and its cache rows are written again by the real run."""
+        that count, and its cache rows are written again by the real run. When no sequence fails alone,
+        or the rest fails again, the step's sequences are failed (never the requests outside the step),
+        and every failed request gets its output."""
         try:
             return *self.runner.run(batch), []
         except Exception as error:
-            culprits = {seq: failure for seq in batch.sequences if (failure := self._fails_alone(seq)) is not None}
-            if not culprits:
-                raise  # no single request explains it: the caller's last resort applies
+            failures = {seq: self._fails_alone(seq) for seq in batch.sequences}
+            culprits = {seq: failure for seq, failure in failures.items() if failure is not None}
             log.error("a step failed; failing the %d request(s) that fail alone", len(culprits), exc_info=error)
+            culprits = culprits or dict.fromkeys(batch.sequences, error)  # none alone: the step together
         outputs = [self._fail(seq, f"the forward pass failed for this request ({type(failure).__name__})")
                    for seq, failure in culprits.items()]
         remaining = ScheduledBatch([s for s in batch.prefills if s not in culprits],
                                    [s for s in batch.decodes if s not in culprits])
         if remaining.is_empty:
             return [], None, {}, outputs
-        return *self.runner.run(remaining), outputs
+        try:
+            return *self.runner.run(remaining), outputs
+        except Exception as error:
+            log.error("the step failed again without its culprits; failing its other requests", exc_info=error)
+            return [], None, {}, outputs + [
+                self._fail(seq, f"the forward pass failed for this request ({type(error).__name__})")
+                for seq in remaining.sequences]
 
     def _fails_alone(self, seq: Sequence) -> Exception | None:
         computed = seq.num_computed
