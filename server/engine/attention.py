@@ -37,12 +37,15 @@ class DecodeBatch:
     lengths: torch.Tensor  # (B, 1) each sequence's length, its decode token included
     kv_mask: torch.Tensor  # (B, 1, 1, L) True where a row is real
 
-    def mask(self, sliding_window: int | None) -> torch.Tensor:
-        """(B, 1, 1, L): the rows a decode token (position n − 1) attends to: j < n, and j ≥ n − window."""
-        if sliding_window is None:
-            return self.kv_mask
-        positions = torch.arange(self.kv_rows.shape[1], device=self.kv_rows.device)
-        return self.kv_mask & (positions >= self.lengths - sliding_window)[:, None, None, :]
+    def attended(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cache rows a decode token (position n − 1) attends to, (B, L'), and their mask (B, 1, 1, L'):
+        positions j < n, and n − window ≤ j in a windowed layer, where only the window's rows are gathered
+        (L' = window: position n − window + k for k < window, masked where it falls outside 0..n−1)."""
+        if sliding_window is None or sliding_window >= self.kv_rows.shape[1]:  # n ≤ L ≤ window: no bound
+            return self.kv_rows, self.kv_mask
+        window = torch.arange(sliding_window, device=self.kv_rows.device)
+        positions = (self.lengths - sliding_window).clamp(min=0) + window  # (B, window), all < L
+        return self.kv_rows.gather(1, positions), (positions < self.lengths)[:, None, None, :]
 
 
 @dataclass(frozen=True)
@@ -69,10 +72,11 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         out[start:end] = attended[0].transpose(0, 1)
     decode = meta.decode
     if decode is not None:
-        keys = meta.kv_cache.keys[layer][decode.kv_rows].transpose(1, 2)  # (B, Hkv, L, D)
-        values = meta.kv_cache.values[layer][decode.kv_rows].transpose(1, 2)
+        rows, mask = decode.attended(sliding_window)
+        keys = meta.kv_cache.keys[layer][rows].transpose(1, 2)  # (B, Hkv, L', D)
+        values = meta.kv_cache.values[layer][rows].transpose(1, 2)
         queries = query[0].index_select(1, decode.token_index).transpose(0, 1).unsqueeze(2)  # (B, H, 1, D)
-        attended = _attend(queries, keys, values, decode.mask(sliding_window), scaling, softcap, s_aux)
+        attended = _attend(queries, keys, values, mask, scaling, softcap, s_aux)
         out.index_copy_(0, decode.token_index, attended[:, :, 0])
     return out.unsqueeze(0), None
 

@@ -91,6 +91,9 @@ def probe_attention(model: PreTrainedModel, shape: KVShape, served_name: str) ->
     Leaves the model on `served_name` (the attention implementation it serves with)."""
     recording = _Recording()
     model.set_attn_implementation(PROBE_NAME)
+    if model.config._attn_implementation != PROBE_NAME:  # transformers only warned: nothing changed
+        raise UnsupportedModelError(f"{_architecture(model.config)}: its attention implementation cannot be "
+                                    "set at run time (transformers finds no attention interface in its code)")
     try:
         with torch.inference_mode():
             ids = torch.arange(PROBE_TOKENS, device=model.device)
