@@ -75,9 +75,11 @@
       prompt: $("prompt").value,
       temperature: Number($("temperature").value),
       max_tokens: Number($("max-tokens").value),
+      top_p: Number($("top-p").value),
       stream: true,
       stream_options: {include_usage: true},
     };
+    if ($("seed").value !== "") payload.seed = Number($("seed").value); // the same draw for every model
     const template = $("answer-template").content;
     const panels = chosen.map((model) => {
       const panel = template.firstElementChild.cloneNode(true);
