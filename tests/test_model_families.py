@@ -111,6 +111,8 @@ FAMILIES = [
     Family("Llama-4", tf.Llama4TextConfig(**LLAMA_LIKE, head_dim=16, intermediate_size_mlp=128, num_local_experts=2,
                                           attention_chunk_size=8, no_rope_layers=[1, 0]),
            refused="layer types chunked_attention are not implemented by the engine's paged attention"),
+    Family("Gemma-3 bidirectional", tf.Gemma3TextConfig(**LLAMA_LIKE, head_dim=16, use_bidirectional_attention=True),
+           refused="bidirectional attention (the engine attends causally)"),
     Family("Llama with LongRoPE", tf.LlamaConfig(**LLAMA_LIKE, rope_parameters=LONGROPE),
            refused="LongRoPE on model type 'llama', whose generate keeps keys computed with the short factors"),
 ]
