@@ -120,6 +120,12 @@ def test_tool_messages_and_image_parts_are_refused(client):
         model="alpha", max_tokens=2, messages=[{"role": "user", "content": image}]), "messages.0.content")
 
 
+def test_top_logprobs_without_logprobs_is_refused(client):
+    _refused(lambda: client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=2, top_logprobs=3),
+             "top_logprobs", "needs logprobs")
+    client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=2, top_logprobs=0)  # neutral
+
+
 def test_suffix_is_refused(client):
     _refused(lambda: client.completions.create(model="alpha", prompt=PROMPT, max_tokens=2, suffix="end"), "suffix",
              "not supported yet")

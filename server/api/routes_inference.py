@@ -252,6 +252,8 @@ async def _completion_chunks(state: AppState, outputs: AsyncIterator[ChoiceOutpu
 async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response):
     state = app_state(request)
     max_tokens = body.token_limit() or state.default_max_tokens
+    if body.top_logprobs and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_parameter")
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling(body, max_tokens, top)
     prompt = chat_prompt(state.tokenizer, body.messages)
