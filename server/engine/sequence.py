@@ -35,7 +35,7 @@ class SamplingParams:
     # Logit adjustments (server/engine/logits_processors.py), in the order they apply:
     min_tokens: int = 0  # EOS and stop tokens are banned until this many tokens were generated
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
-    repetition_penalty: float = 1.0  # HF/vLLM: logits of tokens in prompt or output divided (>0) or multiplied (<0)
+    repetition_penalty: float = 1.0  # HF/vLLM: a prompt or output token's logit divided by it if > 0, else multiplied
     frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output so far
     presence_penalty: float = 0.0  # OpenAI: minus this once the token appeared in the output
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
