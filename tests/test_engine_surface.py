@@ -102,7 +102,7 @@ def test_routes_and_metrics_never_read_the_engine_from_another_thread(llama_dir,
         assert httpx.post(server.url + "/v1/adapters/s0/merge").status_code == 200
         asyncio.run(engine.wait_for_merges())
         assert _complete(server.url, "s0").status_code == 200
-        for path in ("/metrics", "/v1/adapters", "/v1/adapters/s0"):
+        for path in ("/metrics", "/v1/adapters", "/v1/adapters/s0", "/v1/server/state"):
             assert httpx.get(server.url + path).status_code == 200
         assert httpx.post(server.url + "/v1/adapters/s0/warm").status_code == 200
         assert httpx.get(server.url + "/v1/adapters/s0").json()["resident"] == "merged"
