@@ -260,6 +260,28 @@ def test_expert_lora_is_refused_by_name(models, tmp_path):
         models.engine(mixtral).load_adapter("experts", experts)
 
 
+@pytest.mark.parametrize("family", SERVED, ids=_ids(SERVED))
+def test_late_arrivals_prefill_beside_running_decodes(models, family):
+    """Requests that arrive while others decode: prefills and decodes share steps (for LongRoPE, short and
+    long factors share them too); each still as if alone."""
+    engine = models.engine(family)
+    arrivals = {0: (PROMPTS[2], "all-linear"), 3: (PROMPTS[0], None), 5: (PROMPTS[1], "all-linear")}
+    tokens: dict[str, list[int]] = {}
+    finished: set[str] = set()
+    step = 0
+    while len(finished) < len(arrivals):
+        if step in arrivals:
+            prompt, adapter = arrivals[step]
+            engine.add_request(f"late-{step}", prompt, GREEDY, adapter)
+            tokens[f"late-{step}"] = []
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+            finished |= {out.request_id} if out.finished else set()
+        step += 1
+    for step, (prompt, adapter) in arrivals.items():
+        assert tokens[f"late-{step}"] == models.greedy(family, prompt, adapter is not None), step
+
+
 @pytest.mark.parametrize("family", REFUSED, ids=_ids(REFUSED))
 def test_refused_at_load_with_the_reason(tmp_path, family):
     base = save_model(build_model(family.config), tmp_path / "base")

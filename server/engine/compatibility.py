@@ -30,8 +30,8 @@ PROBE_TOKENS = 8
 # flags meant for other modules (a MoE router's `output_router_logits`).
 HONOURED = frozenset({"scaling", "sliding_window", "softcap", "s_aux", "attn_metadata", "position_ids",
                       "use_cache", "output_router_logits"})
-# Keyword arguments that change nothing at these values (dropout is 0 in eval mode).
-INERT = {"dropout": (0.0,)}
+# Keyword arguments that change nothing at these values (dropout is 0 in eval mode; the engine is causal).
+INERT = {"dropout": (0.0,), "is_causal": (True,)}
 # Layer types (`config.layer_types`) the paged attention implements, and those that only describe the MLP.
 SERVED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 MLP_LAYER_TYPES = frozenset({"dense", "sparse"})
