@@ -20,7 +20,7 @@ from tests.factories import VOCAB
 from tests.server_harness import ServerProcess
 
 ADMIN_KEY = "lsk_hostile-test-admin-key"
-VICTIM_BODY = {"model": "victim", "prompt": "the victim's stream", "max_tokens": 220, "temperature": 0,
+VICTIM_BODY = {"model": "victim", "prompt": "the victim's stream", "max_tokens": 230, "temperature": 0,
                "ignore_eos": True, "stream": True}
 
 
@@ -68,7 +68,7 @@ def victim(server, keys, victim_adapter) -> str:
     return _stream_text(server.url, keys["acme"])
 
 
-def _stream_text(url: str, key: str) -> str:
+def _stream_text(url: str, key: str, first_token: threading.Event | None = None) -> str:
     text, finish = "", None
     with httpx.stream("POST", url + "/v1/completions", json=VICTIM_BODY, headers=_auth(key), timeout=120) as r:
         assert r.status_code == 200
@@ -77,6 +77,8 @@ def _stream_text(url: str, key: str) -> str:
                 choice = json.loads(line[6:])["choices"][0]
                 text += choice["text"]
                 finish = choice["finish_reason"] or finish
+                if first_token is not None:
+                    first_token.set()
     assert finish == "length", f"the victim stream ended with {finish!r}"
     return text
 
@@ -85,9 +87,10 @@ def _stream_text(url: str, key: str) -> str:
 def _victim_running(url: str, key: str, expected: str):
     """The victim stream runs while the block runs; afterwards its text must equal the solo run."""
     result: dict[str, object] = {}
-    thread = threading.Thread(target=lambda: result.update(text=_stream_text(url, key)))
+    first_token = threading.Event()
+    thread = threading.Thread(target=lambda: result.update(text=_stream_text(url, key, first_token)))
     thread.start()
-    time.sleep(0.2)  # the stream is admitted and decoding
+    assert first_token.wait(timeout=60), "the victim stream did not start"  # admitted and decoding
     try:
         yield
         assert thread.is_alive(), "the victim finished before the case ran: the test proves nothing"

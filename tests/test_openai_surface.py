@@ -252,6 +252,8 @@ def test_tokenize_needs_a_key_when_auth_is_on(llama_dir, tmp_path):
     with RunningServer(settings) as running:
         for path in ("/tokenize", "/v1/tokenize"):
             assert httpx.post(running.url + path, json={"model": "base", "prompt": "x"}).status_code == 401
+            malformed = httpx.post(running.url + path, content=b"{not json", headers={"content-type": "application/json"})
+            assert malformed.status_code == 401, "no key, no body read: the key is checked first"
             ok = httpx.post(running.url + path, json={"model": "base", "prompt": "x"},
                             headers={"Authorization": "Bearer admin-secret"})
             assert ok.status_code == 200 and ok.json()["count"] == 1

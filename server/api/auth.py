@@ -49,13 +49,14 @@ class Authenticator:
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, prefix: str = "/v1/"):
+    def __init__(self, app: ASGIApp, prefixes: tuple[str, ...] = ("/v1/", "/tokenize", "/detokenize")):
+        """`prefixes`: the paths that need a key (the API, and vLLM's tokenizer routes outside /v1)."""
         self.app = app
-        self.prefix = prefix
+        self.prefixes = prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope["app"].state.loraserve if scope["type"] == "http" else None
-        if state is not None and scope["path"].startswith(self.prefix):
+        if state is not None and scope["path"].startswith(self.prefixes):
             header = dict(scope.get("headers") or []).get(b"authorization")
             try:
                 principal = state.auth.principal(header.decode("latin-1") if header is not None else None)

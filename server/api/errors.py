@@ -95,6 +95,10 @@ def _counted(request: Request, response: JSONResponse) -> JSONResponse:
     return response
 
 
+# pydantic's words for some checks, as a client of this API should read them.
+_EXPLAINED = {"extra_forbidden": "unknown or unsupported parameter (loraserve refuses what it would ignore)"}
+
+
 def _field_path(loc: tuple) -> str:
     """`messages.0.content` from pydantic's location, without where it came from (body, query) or the
     union member it was tried as (`function-after[...]`, `list[int]`)."""
@@ -123,7 +127,7 @@ def install_error_handlers(app: FastAPI) -> None:
             return _counted(request, error_response(400, f"the body is not valid JSON: {errors[0]['msg']}",
                                                     code="invalid_json"))
         first = _field_path(errors[0]["loc"]) if errors else ""
-        message = "; ".join(f"{_field_path(e['loc'])}: {e['msg']}" for e in errors)
+        message = "; ".join(f"{_field_path(e['loc'])}: {_EXPLAINED.get(e['type'], e['msg'])}" for e in errors)
         return _counted(request, error_response(400, message, first or None, "invalid_parameter"))
 
     @app.exception_handler(StarletteHTTPException)
