@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     # Batching and the KV cache
     max_num_seqs: int = Field(64, ge=1, description="Sequences in the running batch at most.")
     torch_threads: int | None = Field(None, ge=1, description="Threads of the engine's forward pass (default: cores).")
-    cpu_kernel: bool = Field(True, description="Fused C++ LoRA op for float32 CPU decode steps (built on first use).")
+    cpu_kernel: bool = Field(True, description="Fused C++ LoRA op for float32 CPU decode steps (built in the background on the first start).")
     max_batch_tokens: int = Field(2048, ge=16, description="Tokens in one forward pass at most.")
     max_queue: int = Field(1024, ge=0, description="Requests waiting for admission at most.")
     kv_cache_memory: ByteSize = Field(ByteSize(512 * 1024**2), description="Bytes for the KV cache.")

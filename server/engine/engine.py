@@ -32,7 +32,7 @@ from server.engine.sequence import FinishReason, SamplingParams, Sequence
 from server.engine.snapshot import EngineSnapshot
 from server.errors import CapacityError, InvalidRequestError, RequestTooLargeError, UnknownAdapterError
 from server.lora.adapter import LoraAdapter, load_lora_adapter
-from server.lora.cpu_kernel import load_cpu_kernel
+from server.lora.cpu_kernel import build_cpu_kernel_in_background
 from server.lora.layer import LoraBatch, wrap_target_modules
 from server.lora.slots import LoraSlotPool
 from server.lora.targets import find_target_modules
@@ -84,8 +84,10 @@ class LLMEngine:
         self.targets = find_target_modules(model)
         self.slots = LoraSlotPool(self.targets, settings.max_loras, settings.max_lora_rank, self.dtype, self.device)
         lora_batch = LoraBatch()
-        if settings.cpu_kernel and self.device.type == "cpu" and self.dtype == torch.float32:
-            lora_batch.fused_op = load_cpu_kernel()
+        # The fused CPU op is built (or loaded from the cache) off this thread; steps use the torch path
+        # until it is installed between two steps (_install_cpu_kernel).
+        use_kernel = settings.cpu_kernel and self.device.type == "cpu" and self.dtype == torch.float32
+        self._kernel_build = build_cpu_kernel_in_background() if use_kernel else None
         wrap_target_modules(model, self.targets, self.slots, lora_batch)
         self.kv_cache = PagedKVCache.from_budget(
             kv_shape(model), int(settings.kv_cache_memory), settings.kv_block_size, self.dtype, self.device
@@ -205,6 +207,7 @@ class LLMEngine:
         failed alone, with an error in its output; the others in the step go on as if it had not been
         there. Only a failure no single request explains propagates."""
         started = time.perf_counter()
+        self._install_cpu_kernel()
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
@@ -267,7 +270,21 @@ class LLMEngine:
             mixed_merged_steps=self.runner.mixed_merged_steps,
         )
 
+    def wait_for_cpu_kernel(self) -> None:
+        """Block until the fused CPU op's background build is done and the op installed (benchmarks)."""
+        if self._kernel_build is not None:
+            self._kernel_build.result()
+            self._install_cpu_kernel()
+
     # ---- internals ------------------------------------------------------------------------------
+
+    def _install_cpu_kernel(self) -> None:
+        """Between steps: use the fused CPU op from now on if its background build has finished."""
+        if self._kernel_build is not None and self._kernel_build.done():
+            self.runner.lora_batch.fused_op = self._kernel_build.result()
+            self._kernel_build = None
+            if self.runner.lora_batch.fused_op is not None:
+                log.info("the fused CPU LoRA op is ready: decode steps with few adapter tokens use it now")
 
     def _forward(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None,
                                                         dict[Sequence, torch.Tensor], list[RequestOutput]]:

@@ -15,6 +15,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -70,6 +71,15 @@ void add_lora_tokens(torch::Tensor out, torch::Tensor x, torch::Tensor lora_a, t
 """
 
 LoraTokensOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+_BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraserve-cpu-kernel")
+
+
+def build_cpu_kernel_in_background() -> "Future[LoraTokensOp | None]":
+    """`load_cpu_kernel` on a worker thread: the first build on a machine takes ~25 s (a C++ compile),
+    which a server must not wait for before it serves (through the torch path meanwhile)."""
+    return _BUILDER.submit(load_cpu_kernel)
 
 
 @functools.cache
