@@ -74,9 +74,15 @@ class _Recording:
     calls: list[tuple[torch.nn.Module, torch.Size, torch.Size, dict]] = field(default_factory=list)
 
 
+class _MetadataLost(Exception):
+    """The attention function was called without the forward's keyword arguments."""
+
+
 def _recording_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """Records the call, answers with plain causal attention so the forward goes on."""
-    recording: _Recording = kwargs["attn_metadata"]
+    recording: _Recording | None = kwargs.get("attn_metadata")
+    if recording is None:
+        raise _MetadataLost
     recording.calls.append((module, key.shape, value.shape, dict(kwargs, scaling=scaling)))
     out = scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2), None
@@ -99,6 +105,11 @@ def probe_attention(model: PreTrainedModel, shape: KVShape, served_name: str) ->
             ids = torch.arange(PROBE_TOKENS, device=model.device)
             model(input_ids=(ids + 1).unsqueeze(0), position_ids=ids.unsqueeze(0), attn_metadata=recording,
                   use_cache=False)
+    except _MetadataLost:
+        raise UnsupportedModelError(
+            f"{_architecture(model.config)}: its layers do not hand the forward's keyword arguments on to the "
+            "attention function, so the engine's batch metadata cannot reach it"
+        ) from None
     finally:
         model.set_attn_implementation(served_name)
     problems = _problems(recording, shape)
