@@ -110,6 +110,8 @@ FAMILIES = [
     Family("Qwen2-MoE", tf.Qwen2MoeConfig(**LLAMA_LIKE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                           shared_expert_intermediate_size=32), "experts",
            adapter_targets=ATTENTION_ONLY),
+    Family("PhiMoE", tf.PhimoeConfig(**LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2), "experts",
+           adapter_targets=ATTENTION_ONLY),
     Family("Helium", tf.HeliumConfig(**LLAMA_LIKE, head_dim=16)),
     Family("GLM-4", tf.Glm4Config(**LLAMA_LIKE, head_dim=16)),
     Family("Seed-OSS", tf.SeedOssConfig(**LLAMA_LIKE, head_dim=16)),

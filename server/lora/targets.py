@@ -27,15 +27,17 @@ class TargetModule:
 
 
 def find_target_modules(model: nn.Module) -> dict[str, TargetModule]:
-    """Every Linear and Conv1D of the model by dotted name, except the output head."""
+    """Every Linear and Conv1D of the model by dotted name, except the output head. A subclass that
+    overrides `forward` computes something else than `x·Wᵀ + b` (PhiMoE's router returns routing weights
+    and expert indices), so it is not an adaptable linear map."""
     found = {}
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in model.named_modules():
         if module is output_head:
             continue
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
             found[name] = TargetModule(name, module, module.in_features, module.out_features, False)
-        elif isinstance(module, Conv1D):
+        elif isinstance(module, Conv1D) and type(module).forward is Conv1D.forward:
             d_in, d_out = module.weight.shape
             found[name] = TargetModule(name, module, d_in, d_out, True)
     return found
