@@ -1,5 +1,6 @@
 """OpenAI-compatible inference: /v1/completions, /v1/chat/completions, /v1/models."""
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
@@ -15,6 +16,7 @@ from server.api.errors import ApiError, domain_error_status, error_body
 from server.api.inference import ChoiceOutput, Target
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from server.api.state import AppState, app_state
+from server.engine.grammar import Grammar, compiler_for
 from server.engine.sampler import TokenLogprobs
 from server.engine.sequence import SamplingParams
 from server.errors import InferenceFailedError, UnknownAdapterError
@@ -37,14 +39,24 @@ class _Choice:
     completion_tokens: int = 0
 
 
-def _sampling(body, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+async def _grammar(state: AppState, body) -> Grammar | None:
+    """The request's structured output, compiled on a worker thread (cached by its text); 400 naming the
+    parameter when it does not compile."""
+    spec = body.grammar_spec()
+    if spec is None:
+        return None
+    return await asyncio.to_thread(lambda: compiler_for(state.tokenizer).compile(spec))
+
+
+def _sampling(body, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
+              grammar: Grammar | None = None) -> SamplingParams:
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, seed=body.seed, stop=tuple(body.stop), ignore_eos=body.ignore_eos,
                               logprobs=logprobs, prompt_logprobs=prompt_logprobs, min_tokens=body.min_tokens, logit_bias=body.bias(),
                               repetition_penalty=body.repetition_penalty, min_p=body.min_p,
                               frequency_penalty=body.frequency_penalty or 0.0,
-                              presence_penalty=body.presence_penalty or 0.0)
+                              presence_penalty=body.presence_penalty or 0.0, grammar=grammar)
     except ValueError as exc:
         raise ApiError(400, str(exc), code="invalid_parameter") from None
 
@@ -156,7 +168,7 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
     prompt_top = _prompt_top(body)
     # Ranking best_of choices needs each chosen token's logprob; max_tokens=0 (echo) samples one token, dropped.
     params = _sampling(body, max(body.token_limit(), 1), body.logprobs if best_of == body.n else body.logprobs or 0,
-                       prompt_top)
+                       prompt_top, await _grammar(state, body))
     prompts = body.prompts()
     echo = _Echo.of(prompts, state.tokenizer) if body.echo else None
     response_id = f"cmpl-{request.state.request_id}"
@@ -255,7 +267,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
     if body.top_logprobs and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_parameter")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    params = _sampling(body, max_tokens, top)
+    params = _sampling(body, max_tokens, top, grammar=await _grammar(state, body))
     prompt = chat_prompt(state.tokenizer, body.messages)
     response_id = f"chatcmpl-{request.state.request_id}"
     choices, target = await _run(request, state, body, [prompt], params, body.n, "chat", max_tokens * body.n,

@@ -10,13 +10,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server.engine.grammar import GrammarSpec
 from server.engine.sequence import LOGIT_BIAS_RANGE, PENALTY_RANGE, REPETITION_PENALTY_RANGE, SEED_RANGE
+from server.errors import InvalidRequestError
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # The longest `model` string that can name anything: a 64-character name, '@' and a version number.
 MAX_MODEL_LENGTH = 96
 MAX_N = 16  # choices per prompt (n, best_of)
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+MAX_CHOICES = 256  # guided_choice entries
 
 
 def _utf8(text: str) -> str:
@@ -54,15 +57,21 @@ class StreamOptions(_Strict):
     include_obfuscation: Annotated[bool | None, _neutral(None, False, feature="stream obfuscation")] = None
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = Field(None, description="accepted; the schema is always enforced")
+
+
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
 
     @model_validator(mode="after")
-    def _text_only(self) -> "ResponseFormat":
-        if self.type != "text":
-            raise ValueError(f'response_format {self.type!r} (structured outputs) is not supported yet; '
-                             f'only {{"type": "text"}} is accepted')
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is given with {"type": "json_schema"}, and only then')
         return self
 
 
@@ -86,6 +95,12 @@ class _SamplingFields(_Strict):
                                       description="vLLM extension: 1 = off")
     min_p: float = Field(0.0, ge=0, le=1, description="vLLM extension: 0 = off")
     min_tokens: int = Field(0, ge=0, description="vLLM extension: EOS is banned until this many tokens were generated")
+    # Structured outputs (server/engine/grammar.py): at most one of these.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | Text | None = Field(None, description="vLLM extension: a JSON schema")
+    guided_regex: Text | None = Field(None, description="vLLM extension: the output matches this regex")
+    guided_choice: list[Text] | None = Field(None, min_length=1, max_length=MAX_CHOICES,
+                                             description="vLLM extension: the output is one of these")
     # Sent by clients with these values; other values are not supported yet.
     service_tier: Annotated[str | None, _neutral(None, "auto", "default", feature="service_tier")] = None
     store: Annotated[bool | None, _neutral(None, False, feature="storing completions")] = None
@@ -98,6 +113,24 @@ class _SamplingFields(_Strict):
             raise ValueError(f"logit_bias maps at most {MAX_LOGIT_BIAS} token ids (as strings) to biases")
         return value
 
+    def grammar_spec(self) -> GrammarSpec | None:
+        """The structured output asked for, if any (compiled by the route, off the event loop)."""
+        given = [name for name in _GRAMMAR_FIELDS if getattr(self, name) is not None
+                 and not (name == "response_format" and self.response_format.type == "text")]
+        if len(given) > 1:
+            raise InvalidRequestError(f"give at most one of {', '.join(given)}", param=given[1])
+        if self.guided_json is not None:
+            return GrammarSpec("json", _schema_text(self.guided_json, "guided_json"), "guided_json")
+        if self.guided_regex is not None:
+            return GrammarSpec("regex", self.guided_regex, "guided_regex")
+        if self.guided_choice is not None:
+            return GrammarSpec("choice", json.dumps(self.guided_choice), "guided_choice")
+        form = self.response_format
+        if form is None or form.type == "text":
+            return None
+        schema = form.json_schema.schema_ if form.json_schema is not None else {"type": "object"}
+        return GrammarSpec("json", _schema_text(schema, "response_format"), "response_format")
+
     def bias(self) -> tuple[tuple[int, float], ...]:
         return tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items())
 
@@ -108,6 +141,21 @@ class _SamplingFields(_Strict):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes at most 4 non-empty strings")
         return stops
+
+
+_GRAMMAR_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
+
+
+def _schema_text(schema: dict[str, Any] | str, param: str) -> str:
+    """A JSON schema as canonical text (the compile cache's key)."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError:
+            raise InvalidRequestError(f"{param} is not valid JSON", param=param) from None
+    if not isinstance(schema, dict):
+        raise InvalidRequestError(f"{param} must be a JSON schema (an object)", param=param)
+    return json.dumps(schema, sort_keys=True)
 
 
 class CompletionRequest(_SamplingFields):
@@ -170,7 +218,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: Annotated[list[dict[str, Any]] | None, _neutral(None, [], feature=_NO_TOOLS)] = None
     tool_choice: Annotated[str | dict[str, Any] | None, _neutral(None, "none", "auto", feature=_NO_TOOLS)] = None
     parallel_tool_calls: bool | None = Field(None, description="accepted: there are no tools to call")

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from server.config import Settings
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.grammar import constrain
 from server.engine.kv_cache import PagedKVCache
 from server.engine.merging import MergeManager, MergePolicy
 from server.engine.model_loader import (
@@ -220,7 +221,12 @@ class LLMEngine:
         outputs += [self._fail(seq, "the model produced non-finite logits for this request")
                     for seq, ok in zip(seqs, finite) if not ok]
         logits = logits[torch.tensor(finite, device=logits.device)] if len(served) < len(seqs) else logits
-        for i, (seq, token) in enumerate(zip(served, sample(adjust_logits(logits, served, self._eos_ids), served))):
+        scores, broken = constrain(adjust_logits(logits, served, self._eos_ids), [seq.grammar for seq in served])
+        for i, (seq, token) in enumerate(zip(served, sample(scores, served))):
+            error = broken.get(i) or (seq.grammar.advance(token) if seq.grammar is not None else None)
+            if error is not None:
+                outputs.append(self._fail(seq, f"the structured output's grammar failed: {error}"))
+                continue
             seq.output_ids.append(token)
             logprobs = [token_logprobs(logits[i], token, seq.params.logprobs)] if seq.params.logprobs is not None else []
             prompt = (prompt_logprobs(prompt_logits[seq], seq.prompt_ids, seq.params.prompt_logprobs)
@@ -378,12 +384,13 @@ class LLMEngine:
         seq = tracked.seq
         params = seq.params
         reason = None
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self._eos_ids):
+        stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self._eos_ids)
+        if stop_token or (seq.grammar is not None and seq.grammar.finished):  # whole: only EOS could follow
             reason = FinishReason.STOP
         elif len(seq.output_ids) >= params.max_tokens or seq.length >= self.max_context:
             reason = FinishReason.LENGTH
         text_ids = seq.output_ids
-        if reason is FinishReason.STOP:  # the stop token is not in the text, so not in the logprobs either
+        if stop_token:  # the stop token is not in the text, so not in the logprobs either
             text_ids, logprobs = seq.output_ids[:-1], []
         text = tracked.detokenizer.update(text_ids, final=reason is not None)
         if tracked.detokenizer.stopped:

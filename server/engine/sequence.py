@@ -7,6 +7,7 @@ from enum import Enum
 
 import torch
 
+from server.engine.grammar import Grammar, GrammarState
 from server.lora.adapter import LoraAdapter
 
 
@@ -39,6 +40,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output so far
     presence_penalty: float = 0.0  # OpenAI: minus this once the token appeared in the output
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
+    grammar: Grammar | None = None  # structured outputs: only tokens the grammar allows (server/engine/grammar.py)
 
     def __post_init__(self):
         problems = []
@@ -67,6 +69,8 @@ class SamplingParams:
                 problems.append(f"{name} must be in [{PENALTY_RANGE[0]:g}, {PENALTY_RANGE[1]:g}]")
         if not 0 <= self.min_p <= 1:
             problems.append("min_p must be in [0, 1]")
+        if self.grammar is not None and self.ignore_eos:
+            problems.append("ignore_eos cannot be combined with structured outputs (the grammar decides the end)")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -111,10 +115,13 @@ class Sequence:
     arrival: int = field(default_factory=lambda: next(_arrival_counter))
     arrival_time: float = field(default_factory=time.monotonic)
     generator: torch.Generator | None = None
+    grammar: GrammarState | None = None  # where its output is in params.grammar
 
     def __post_init__(self):
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+        if self.params.grammar is not None:
+            self.grammar = self.params.grammar.start()
 
     @property
     def adapter_name(self) -> str | None:
