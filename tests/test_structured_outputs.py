@@ -204,6 +204,19 @@ def test_choice_regex_and_length(engine_and_adapters):
     assert cut.finish_reason is FinishReason.LENGTH and len(cut.token_ids) == 3 and cut.text.startswith("{")
 
 
+def test_a_grammar_that_fails_fails_its_request_alone(engine_and_adapters):
+    engine, adapters = engine_and_adapters
+    grammar = GrammarCompiler(engine.tokenizer).compile(GrammarSpec("regex", "[a-z]{20}", "guided_regex"))
+    engine.add_request("broken", PROMPTS[0], SamplingParams(max_tokens=10, grammar=grammar), adapters[1])
+    engine.add_request("free", PROMPTS[1], SamplingParams(max_tokens=10, temperature=0.0), adapters[2])
+    engine._requests["broken"].seq.grammar.advance(engine.tokenizer.encode("7")[0])  # the matcher is in error now
+    outputs = {out.request_id: out for out in engine.step()}
+    assert outputs["broken"].finished and "grammar" in outputs["broken"].error
+    assert outputs["free"].error is None and not outputs["free"].finished
+    while engine.has_unfinished():
+        engine.step()
+
+
 def test_ignore_eos_with_a_grammar_is_refused():
     grammar = GrammarCompiler(byte_tokenizer()).compile(GrammarSpec("regex", "a", "guided_regex"))
     with pytest.raises(ValueError, match="ignore_eos"):

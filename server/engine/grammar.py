@@ -161,7 +161,7 @@ def constrain(logits: torch.Tensor, states: list[GrammarState | None]) -> tuple[
     allowed = ((bitmask[:, :, None] >> _BITS) & 1).bool().reshape(len(rows), width * 32)
     allowed = _fit(allowed, logits.shape[-1]).to(logits.device)
     masked = [k for k, row in enumerate(rows) if row not in errors]
-    index = torch.tensor([rows[k] for k in masked], device=logits.device)
+    index = torch.tensor([rows[k] for k in masked], dtype=torch.long, device=logits.device)
     adjusted = logits.float().clone()
     adjusted[index] = adjusted[index].masked_fill(~allowed[masked], float("-inf"))
     return adjusted, errors
