@@ -2,8 +2,9 @@
 
 One process, one workload (same prompts, same output lengths, greedy, EOS ignored), every
 configuration measured side by side on a random Llama and 32 random PEFT adapters of mixed rank:
-the engine on the bare base and with requests spread over 1, 8 and 32 adapters, PEFT one request at
-a time (set_adapter + generate), and PEFT's mixed-adapter batch (generate(adapter_names=...)).
+the engine on the bare base and with requests spread over 1, 8 and 32 adapters (and over 32 with
+every fourth request constrained by a JSON schema: structured outputs' cost), PEFT one request at a
+time (set_adapter + generate), and PEFT's mixed-adapter batch (generate(adapter_names=...)).
 
     python -m bench.engine_bench            # the full run (about 5 minutes on 2 cores)
     python -m bench.engine_bench --quick    # tiny model, smoke test (seconds)
@@ -34,6 +35,7 @@ from bench.machine import CONTENDED_CORES, CpuMeter, environment, wait_for_quiet
 from bench.roofline import ADAPTED_MODULES, ModelShape, peak_matmul_flops, request_flops
 from server.config import Settings
 from server.engine.engine import LLMEngine
+from server.engine.grammar import Grammar, GrammarCompiler, GrammarSpec
 from server.engine.model_loader import load_base_model, load_tokenizer
 from server.engine.sequence import SamplingParams
 from tests.factories import SPECIAL_TOKENS, VOCAB, byte_tokenizer
@@ -44,6 +46,11 @@ RANKS = (8, 16, 32)  # adapter i has rank RANKS[i % 3]
 ENGINE_SPREADS = (0, 1, 8, NUM_ADAPTERS)  # distinct adapters per engine configuration (0: bare base)
 GOAL_VS_BASE = 0.85  # 32 adapters vs the bare base, same engine
 GOAL_VS_PEFT = 1.5  # 32 adapters vs PEFT's best mixed batch
+GOAL_CONSTRAINED = 0.85  # 32 adapters with a quarter of the requests JSON-constrained vs none constrained
+CONSTRAINED_EVERY = 4  # request i is constrained when i % CONSTRAINED_EVERY == 0
+# Eight short words: longer than any run's output, so constrained requests run to max_tokens like the others.
+JSON_SCHEMA = json.dumps({"type": "object", "required": ["words"], "properties": {"words": {
+    "type": "array", "minItems": 8, "maxItems": 8, "items": {"type": "string", "minLength": 6, "maxLength": 6}}}})
 MAX_BATCH_TOKENS = 4096
 
 FULL = dict(hidden=768, intermediate=2048, layers=10, heads=12, kv_heads=4, requests=64, max_tokens=32,
@@ -265,8 +272,14 @@ def load_peft(model_dir: Path, adapters: dict[str, Adapter]) -> PeftModel:
     return model.eval()
 
 
-def engine_generate(engine: LLMEngine, workload: Workload) -> list[list[int]]:
-    params = SamplingParams(max_tokens=workload.max_tokens, temperature=0, ignore_eos=True)
+def engine_generate(engine: LLMEngine, workload: Workload, grammar: Grammar | None = None) -> list[list[int]]:
+    """Greedy, EOS ignored; with `grammar`, every CONSTRAINED_EVERY-th request is held to it instead
+    (the grammar decides where EOS may come, so those do not ignore it)."""
+    free = SamplingParams(max_tokens=workload.max_tokens, temperature=0, ignore_eos=True)
+    params: SamplingParams | list[SamplingParams] = free
+    if grammar is not None:
+        constrained = SamplingParams(max_tokens=workload.max_tokens, temperature=0, grammar=grammar)
+        params = [constrained if i % CONSTRAINED_EVERY == 0 else free for i in range(len(workload.prompts))]
     return [c.token_ids for c in engine.generate(workload.prompts, params, adapters=workload.adapters)]
 
 
@@ -331,6 +344,10 @@ def engine_cases(engine: LLMEngine, prompts: list[list[int]], names: list[str], 
         label = "engine, bare base" if count == 0 else f"engine, {count} adapter{'s' if count > 1 else ''}"
         workload = spread_over(prompts, names[:count], o.max_tokens)
         cases.append(Case(Result(label, "engine", workload), lambda w: engine_generate(engine, w)))
+    grammar = GrammarCompiler(engine.tokenizer).compile(GrammarSpec("json", JSON_SCHEMA, "bench"))
+    label = f"engine, {NUM_ADAPTERS} ad., 1/{CONSTRAINED_EVERY} JSON"
+    workload = spread_over(prompts, names, o.max_tokens)
+    cases.append(Case(Result(label, "engine-json", workload), lambda w: engine_generate(engine, w, grammar)))
     return cases
 
 
@@ -402,6 +419,7 @@ def check_goals(rows: list[dict]) -> dict[str, dict]:
     bare = next(row for row in engine if row["distinct_adapters"] == 0)
     all_adapters = next(row for row in engine if row["distinct_adapters"] == NUM_ADAPTERS)
     peft_best = max((row for row in rows if row["kind"] == "peft-mixed"), key=lambda row: row["tokens_per_s"])
+    constrained = next(row for row in rows if row["kind"] == "engine-json")
     vs_base, vs_peft = all_adapters["vs_bare_base"], all_adapters["vs_peft_best_mixed"]
     return {
         f"{NUM_ADAPTERS} adapters vs engine bare base": {
@@ -411,6 +429,11 @@ def check_goals(rows: list[dict]) -> dict[str, dict]:
         f"{NUM_ADAPTERS} adapters vs PEFT best mixed batch": {
             "ratio": vs_peft, "goal": GOAL_VS_PEFT, "met": vs_peft >= GOAL_VS_PEFT,
             "per_round": per_round_ratios(all_adapters, peft_best), "peft_best": peft_best["configuration"],
+        },
+        f"{NUM_ADAPTERS} adapters, 1/{CONSTRAINED_EVERY} JSON-constrained vs none": {
+            "ratio": constrained["tokens_per_s"] / all_adapters["tokens_per_s"], "goal": GOAL_CONSTRAINED,
+            "met": constrained["tokens_per_s"] / all_adapters["tokens_per_s"] >= GOAL_CONSTRAINED,
+            "per_round": per_round_ratios(constrained, all_adapters),
         },
     }
 
