@@ -91,8 +91,9 @@ def _recording_attention(module, query, key, value, attention_mask, scaling=None
 AttentionInterface.register(PROBE_NAME, _recording_attention)
 
 
-def probe_attention(model: PreTrainedModel, shape: KVShape, served_name: str) -> None:
-    """Run one small forward with the recording attention and refuse what the paged attention cannot honour.
+def probe_attention(model: PreTrainedModel, shape: KVShape, served_name: str) -> tuple[int | None, ...]:
+    """Run one small forward with the recording attention and refuse what the paged attention cannot honour;
+    return each layer's sliding window (None: the layer attends to the whole context).
 
     Leaves the model on `served_name` (the attention implementation it serves with)."""
     recording = _Recording()
@@ -115,6 +116,8 @@ def probe_attention(model: PreTrainedModel, shape: KVShape, served_name: str) ->
     problems = _problems(recording, shape)
     if problems:
         raise UnsupportedModelError(f"{_architecture(model.config)}: " + "; ".join(problems))
+    windows = {module.layer_idx: kwargs.get("sliding_window") for module, _, _, kwargs in recording.calls}
+    return tuple(windows[layer] for layer in range(shape.num_layers))
 
 
 def _problems(recording: _Recording, shape: KVShape) -> list[str]:

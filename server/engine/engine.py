@@ -19,6 +19,7 @@ from server.engine.kv_cache import PagedKVCache
 from server.engine.merging import MergeManager, MergePolicy
 from server.engine.model_loader import (
     kv_shape,
+    kv_window,
     load_base_model,
     load_tokenizer,
     max_context,
@@ -94,7 +95,7 @@ class LLMEngine:
             kv_shape(model), int(settings.kv_cache_memory), settings.kv_block_size, self.dtype, self.device
         )
         limits = SchedulerLimits(settings.max_num_seqs, settings.max_batch_tokens, settings.max_queue)
-        self.scheduler = Scheduler(limits, self.kv_cache.allocator, self.slots)
+        self.scheduler = Scheduler(limits, self.kv_cache.allocator, self.slots, kv_window(model))
         self.merges = MergeManager(
             MergePolicy(int(settings.merged_budget), settings.merge_promote_share, settings.merge_demote_share,
                         settings.merge_half_life_tokens),

@@ -13,6 +13,8 @@ from server.engine.rope import wrap_per_sequence_rope
 
 log = logging.getLogger(__name__)
 
+KV_WINDOW_ATTR = "loraserve_kv_window"  # set on a loaded model by load_base_model (see kv_window)
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,9 +49,19 @@ def load_base_model(path: Path, dtype: torch.dtype, device: torch.device) -> Pre
         path, dtype=dtype, use_safetensors=True, local_files_only=True, attn_implementation=ATTENTION_NAME
     )
     model.to(device).eval().requires_grad_(False)
-    probe_attention(model, kv_shape(model), ATTENTION_NAME)
-    wrap_per_sequence_rope(model)
+    windows = probe_attention(model, kv_shape(model), ATTENTION_NAME)
+    recomputed = wrap_per_sequence_rope(model)
+    # A LongRoPE sequence is computed again from its first token when it crosses the original context,
+    # writing every position anew: no block of it may be given back early.
+    windowed = all(w is not None for w in windows) and not recomputed
+    setattr(model, KV_WINDOW_ATTR, min(windows) if windowed else None)
     return model
+
+
+def kv_window(model: PreTrainedModel) -> int | None:
+    """The smallest sliding window when every layer has one (keys older than it are never read again,
+    so the KV cache may drop their blocks); None when some layer attends to the whole context."""
+    return getattr(model, KV_WINDOW_ATTR, None)
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:

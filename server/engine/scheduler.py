@@ -38,10 +38,14 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, limits: SchedulerLimits, blocks: BlockAllocator, slots: LoraSlotPool):
+    def __init__(self, limits: SchedulerLimits, blocks: BlockAllocator, slots: LoraSlotPool,
+                 kv_window: int | None = None):
+        """`kv_window`: when every layer of the model attends only to its last `kv_window` positions, a
+        running sequence's blocks that lie wholly before that window are given back before it grows."""
         self.limits = limits
         self.blocks = blocks
         self.slots = slots
+        self.kv_window = kv_window
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -84,6 +88,7 @@ class Scheduler:
 
     def _grow(self, seq: Sequence) -> bool:
         """Make room in the cache for all of seq's tokens (the newest one is written this step)."""
+        self._drop_out_of_window(seq)
         missing = self.blocks.blocks_for(seq.length) - len(seq.block_table)
         if missing <= 0:
             return True
@@ -143,8 +148,20 @@ class Scheduler:
         at once (admit, preempt, re-admit would thrash). Nothing is held back for the first sequence."""
         return max(1, self.blocks.num_blocks // 100) if self.running else 0
 
+    def _drop_out_of_window(self, seq: Sequence) -> None:
+        """Give back the blocks whose every position precedes the window of the token decoded now
+        (position n − 1 reads positions n − window … n − 1, and later tokens read less). Their ids stay in
+        the table, so positions keep mapping to rows, but no layer reads those rows again."""
+        if self.kv_window is None:
+            return
+        keep_from = max(0, seq.length - self.kv_window) // self.blocks.block_size
+        if keep_from > seq.dropped_blocks:
+            self.blocks.free(seq.block_table[seq.dropped_blocks:keep_from])
+            seq.dropped_blocks = keep_from
+
     def _release(self, seq: Sequence) -> None:
-        self.blocks.free(seq.block_table)
+        self.blocks.free(seq.block_table[seq.dropped_blocks:])
         seq.block_table = []
+        seq.dropped_blocks = 0
         if seq.adapter is not None:
             self.slots.release(seq.adapter.name)

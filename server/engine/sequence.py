@@ -111,6 +111,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     block_table: list[int] = field(default_factory=list)
+    dropped_blocks: int = 0  # leading blocks of block_table given back: their keys fell out of every window
     num_computed: int = 0  # tokens whose keys/values are in the cache
     arrival: int = field(default_factory=lambda: next(_arrival_counter))
     arrival_time: float = field(default_factory=time.monotonic)
@@ -147,5 +148,6 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """After preemption: the cache is gone, prompt and output so far are prefilled again."""
         self.block_table = []
+        self.dropped_blocks = 0
         self.num_computed = 0
         self.status = SequenceStatus.WAITING
