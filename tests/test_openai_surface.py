@@ -89,13 +89,9 @@ def test_unknown_completion_parameters_are_refused_by_name(client, field):
                                                extra_body={field: {"type": "json_object"}}), field)
 
 
-TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
-
-
 @pytest.mark.parametrize("kwargs, param, says", [
-    (dict(tools=[TOOL]), "tools", "tool calling is not supported yet"),
-    (dict(tool_choice="required"), "tool_choice", "tool calling is not supported yet"),
-    (dict(tool_choice={"type": "function", "function": {"name": "f"}}), "tool_choice", "not supported yet"),
+    (dict(tool_choice="required"), "tool_choice", "needs tools"),  # tools themselves: tests/test_tool_calling.py
+    (dict(extra_body={"functions": [{"name": "f"}]}), "functions", "not supported yet"),
     (dict(store=True), "store", "not supported yet"),
     (dict(service_tier="flex"), "service_tier", "not supported yet"),
     (dict(modalities=["text", "audio"]), "modalities", "not supported yet"),
@@ -107,11 +103,11 @@ def test_what_is_not_implemented_is_refused(client, kwargs, param, says):
              param, says)
 
 
-def test_tool_messages_and_image_parts_are_refused(client):
+def test_misplaced_tool_fields_and_image_parts_are_refused(client):
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     _refused(lambda: client.chat.completions.create(
-        model="alpha", max_tokens=2, messages=[*MESSAGES, {"role": "assistant", "tool_calls": [call]}]),
-        "messages.1.tool_calls", "tool calling")
+        model="alpha", max_tokens=2, messages=[*MESSAGES, {"role": "user", "content": "x", "tool_calls": [call]}]),
+        "messages.1", "assistant messages")
     image = [{"type": "image_url", "image_url": {"url": "data:,"}}]
     _refused(lambda: client.chat.completions.create(
         model="alpha", max_tokens=2, messages=[{"role": "user", "content": image}]), "messages.0.content")

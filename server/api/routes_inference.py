@@ -1,6 +1,8 @@
-"""OpenAI-compatible inference: /v1/completions, /v1/chat/completions, /v1/models."""
+"""OpenAI-compatible inference: /v1/completions, /v1/chat/completions (with tools: server/api/tools.py),
+/v1/models."""
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
@@ -10,13 +12,14 @@ from starlette.background import BackgroundTask
 from transformers import PreTrainedTokenizerBase
 
 from server.api import openai_format as fmt
+from server.api import tools
 from server.api.chat import chat_prompt
 from server.api.auth import caller
 from server.api.errors import ApiError, domain_error_status, error_body
 from server.api.inference import ChoiceOutput, Target
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from server.api.state import AppState, app_state
-from server.engine.grammar import Grammar, compiler_for
+from server.engine.grammar import Grammar, GrammarSpec, compiler_for
 from server.engine.sampler import TokenLogprobs
 from server.engine.sequence import SamplingParams
 from server.errors import InferenceFailedError, UnknownAdapterError
@@ -267,8 +270,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
     if body.top_logprobs and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_parameter")
     top = (body.top_logprobs or 0) if body.logprobs else None
+    await _check_tool_parameters(state, body)
     params = _sampling(body, max_tokens, top, grammar=await _grammar(state, body))
-    prompt = chat_prompt(state.tokenizer, body.messages)
+    definitions = [tool.model_dump(exclude_none=True) for tool in body.tools or []] or None
+    prompt = chat_prompt(state.tokenizer, body.messages, definitions)
     response_id = f"chatcmpl-{request.state.request_id}"
     choices, target = await _run(request, state, body, [prompt], params, body.n, "chat", max_tokens * body.n,
                                  lambda outputs: _chat_chunks(state, outputs, response_id, body))
@@ -277,10 +282,40 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
     response.headers.update(_variant_header(target))
     logprobs = fmt.LogprobFormatter(state.tokenizer)
     return fmt.envelope(response_id, "chat.completion", body.model, [
-        {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-         "logprobs": logprobs.chat(c.logprobs) if body.logprobs else None}
+        {"index": i, **_chat_message(c, body), "logprobs": logprobs.chat(c.logprobs) if body.logprobs else None}
         for i, c in enumerate(choices)
     ], _usage(choices, body.n))
+
+
+async def _check_tool_parameters(state: AppState, body: ChatCompletionRequest) -> None:
+    """Each tool's parameters compile as a JSON schema (cached), else 400 naming that tool's field."""
+    compiler = compiler_for(state.tokenizer) if body.tools else None
+    for i, tool in enumerate(body.tools or []):
+        spec = GrammarSpec("json", json.dumps(tools.parameters_schema(tool.function.model_dump())),
+                           f"tools.{i}.function.parameters")
+        await asyncio.to_thread(compiler.compile, spec)
+
+
+def _tool_names(body: ChatCompletionRequest) -> set[str] | None:
+    """The names a parser looks for in the output, or None when the output is text (no tools, "none")."""
+    return None if body.tool_mode() == "none" else {tool.function.name for tool in body.tools}
+
+
+def _chat_message(choice: _Choice, body: ChatCompletionRequest) -> dict:
+    """A whole choice's message and finish_reason: its calls parsed out of the text, when tools are on."""
+    names = _tool_names(body)
+    if names is None:
+        return {"message": {"role": "assistant", "content": choice.text}, "finish_reason": choice.finish_reason}
+    content, calls = tools.parse(choice.text, names)
+    message = {"role": "assistant", "content": content}
+    if not calls:
+        return {"message": message, "finish_reason": choice.finish_reason}
+    return {"message": {**message, "tool_calls": [call.openai() for call in calls]},
+            "finish_reason": _finish_with_calls(choice.finish_reason)}
+
+
+def _finish_with_calls(finish_reason: str | None) -> str | None:
+    return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 async def _chat_chunks(state: AppState, outputs: AsyncIterator[ChoiceOutput], response_id: str,
@@ -290,6 +325,8 @@ async def _chat_chunks(state: AppState, outputs: AsyncIterator[ChoiceOutput], re
 
     choices = [_Choice() for _ in range(body.n)]
     logprobs = fmt.LogprobFormatter(state.tokenizer)
+    names = _tool_names(body)
+    parsers = [tools.ToolCallParser(names) for _ in range(body.n)] if names is not None else None
     for i in range(body.n):
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
@@ -297,12 +334,39 @@ async def _chat_chunks(state: AppState, outputs: AsyncIterator[ChoiceOutput], re
         out = item.output
         choices[item.index].prompt_tokens = out.prompt_tokens
         choices[item.index].completion_tokens = out.completion_tokens
-        if out.text or out.logprobs:
-            yield chunk([{"index": item.index, "delta": {"content": out.text}, "finish_reason": None,
-                          "logprobs": logprobs.chat(out.logprobs) if body.logprobs else None}])
+        entries = logprobs.chat(out.logprobs) if body.logprobs else None
+        if parsers is None:
+            if out.text or out.logprobs:
+                yield chunk([{"index": item.index, "delta": {"content": out.text}, "finish_reason": None,
+                              "logprobs": entries}])
+        else:
+            parser = parsers[item.index]
+            events = parser.feed(out.text) + (parser.finish() if out.finished else [])
+            for delta in _tool_deltas(events, parser):
+                yield chunk([{"index": item.index, "delta": delta, "finish_reason": None, "logprobs": entries}])
+                entries = None  # a piece's logprobs go with its first delta
+            if entries is not None and out.logprobs:
+                yield chunk([{"index": item.index, "delta": {}, "finish_reason": None, "logprobs": entries}])
         if out.finished:
-            yield chunk([{"index": item.index, "delta": {}, "logprobs": None,
-                          "finish_reason": out.finish_reason.value}])
+            finish = out.finish_reason.value
+            if parsers is not None and parsers[item.index].calls:
+                finish = _finish_with_calls(finish)
+            yield chunk([{"index": item.index, "delta": {}, "logprobs": None, "finish_reason": finish}])
     if body.stream_options and body.stream_options.include_usage:
         yield chunk([], _usage(choices, body.n))
     yield fmt.sse("[DONE]")
+
+
+def _tool_deltas(events: list[tuple[str, object]], parser: tools.ToolCallParser) -> list[dict]:
+    """OpenAI's streamed deltas for parsed events: content as it is; a call as its index, id and name
+    (arguments empty), then its arguments."""
+    deltas = []
+    for kind, value in events:
+        if kind == "content":
+            deltas.append({"content": value})
+            continue
+        index = parser.calls.index(value)
+        deltas.append({"tool_calls": [{"index": index, "id": value.id, "type": "function",
+                                       "function": {"name": value.name, "arguments": ""}}]})
+        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": value.arguments}}]})
+    return deltas

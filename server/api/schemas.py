@@ -1,7 +1,7 @@
 """Request and response bodies of the OpenAI-compatible API.
 
 Nothing is accepted and ignored: a request body holds only fields loraserve honours, plus fields that
-clients send with values that change nothing (`tool_choice: "none"`, `store: false`, ...), which are
+clients send with values that change nothing (`store: false`, `functions: []`, ...), which are
 accepted at those values only. Any other field, or another value of those, is refused with 400 naming it.
 """
 
@@ -10,7 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.engine.grammar import GrammarSpec
+from server.api.tools import NAME_PATTERN, grammar_spec as tool_grammar
+from server.engine.grammar import MAX_GRAMMAR_CHARS, GrammarSpec
 from server.engine.sequence import LOGIT_BIAS_RANGE, PENALTY_RANGE, REPETITION_PENALTY_RANGE, SEED_RANGE
 from server.errors import InvalidRequestError
 
@@ -20,6 +21,7 @@ MAX_MODEL_LENGTH = 96
 MAX_N = 16  # choices per prompt (n, best_of)
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 MAX_CHOICES = 256  # guided_choice entries
+MAX_TOOLS = 128  # OpenAI's limit on tools
 
 
 def _utf8(text: str) -> str:
@@ -193,19 +195,67 @@ class ContentPart(_Strict):
     text: Text
 
 
-_NO_TOOLS = "tool calling"
+_NO_FUNCTIONS = "the legacy functions/function_call (use tools/tool_choice)"
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=NAME_PATTERN, description="a-z, A-Z, 0-9, _ and -, at most 64")
+    description: Text | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments (an object)")
+    strict: bool | None = Field(None, description="accepted; a forced call always follows the schema")
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "object") != "object":
+            raise ValueError('parameters must be a JSON schema of an object ({"type": "object", ...})')
+        return value
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class FunctionCall(_Strict):
+    name: Text = Field(min_length=1, max_length=64)
+    arguments: Text = Field(max_length=MAX_GRAMMAR_CHARS, description="JSON text, as the model wrote it")
+
+
+class AssistantToolCall(_Strict):
+    id: Text = Field(min_length=1, max_length=256)
+    type: Literal["function"]
+    function: FunctionCall
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = Field(None, max_length=256)
+    tool_calls: list[AssistantToolCall] | None = Field(None, max_length=128, description="assistant messages: "
+                                                                                          "the calls it made")
+    tool_call_id: Text | None = Field(None, max_length=256, description="tool messages: the call answered")
     # What clients send back with an earlier assistant message (openai's model_dump()): nulls only.
-    tool_calls: Annotated[list[dict[str, Any]] | None, _neutral(None, [], feature=_NO_TOOLS)] = None
-    function_call: Annotated[dict[str, Any] | None, _neutral(None, feature=_NO_TOOLS)] = None
-    tool_call_id: Annotated[str | None, _neutral(None, feature=_NO_TOOLS)] = None
+    function_call: Annotated[dict[str, Any] | None, _neutral(None, feature=_NO_FUNCTIONS)] = None
     refusal: Annotated[str | None, _neutral(None, feature="refusal messages")] = None
     audio: Annotated[dict[str, Any] | None, _neutral(None, feature="audio")] = None
+
+    @model_validator(mode="after")
+    def _tool_fields_on_their_roles(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls belong to assistant messages")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("tool_call_id belongs to tool messages")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -218,15 +268,54 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: Annotated[list[dict[str, Any]] | None, _neutral(None, [], feature=_NO_TOOLS)] = None
-    tool_choice: Annotated[str | dict[str, Any] | None, _neutral(None, "none", "auto", feature=_NO_TOOLS)] = None
-    parallel_tool_calls: bool | None = Field(None, description="accepted: there are no tools to call")
-    functions: Annotated[list[dict[str, Any]] | None, _neutral(None, [], feature=_NO_TOOLS)] = None
-    function_call: Annotated[str | dict[str, Any] | None, _neutral(None, "none", "auto", feature=_NO_TOOLS)] = None
+    tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call (enforced when forced)")
+    functions: Annotated[list[dict[str, Any]] | None, _neutral(None, [], feature=_NO_FUNCTIONS)] = None
+    function_call: Annotated[str | dict[str, Any] | None, _neutral(None, "none", "auto", feature=_NO_FUNCTIONS)] = None
     modalities: Annotated[list[str] | None, _neutral(None, ["text"], feature="modalities other than text")] = None
+
+    def _check_tools(self) -> None:
+        """What field validation cannot see: names unique, a choice among the tools."""
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) < len(names):
+            raise InvalidRequestError("tools: two functions have the same name", param="tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise InvalidRequestError(f"tool_choice names {self.tool_choice.function.name!r}, which is not "
+                                      "among tools", param="tool_choice")
+        if self.tool_choice == "required" and not names:
+            raise InvalidRequestError('tool_choice "required" needs tools', param="tool_choice")
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def tool_mode(self) -> str:
+        """"none", "auto", "required" or "named": what the tools do with this request's output."""
+        if not self.tools:
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    def forced_functions(self) -> list[dict[str, Any]]:
+        """The functions a forced choice allows (required: all of them; named: that one), else none."""
+        mode = self.tool_mode()
+        if mode not in ("required", "named"):
+            return []
+        return [tool.function.model_dump(exclude_none=True) for tool in self.tools
+                if mode == "required" or tool.function.name == self.tool_choice.function.name]
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """The structured output asked for, or the grammar of a forced tool choice (never both)."""
+        self._check_tools()
+        spec = super().grammar_spec()
+        functions = self.forced_functions()
+        if not functions:
+            return spec
+        if spec is not None:
+            raise InvalidRequestError(f"a forced tool_choice cannot be combined with {spec.param}",
+                                      param="tool_choice")
+        return tool_grammar(functions, self.parallel_tool_calls is not False)
 
 
 class TokenizeRequest(_Strict):

@@ -30,13 +30,14 @@ CACHE_SIZE = 256  # compiled grammars kept, by text
 # Compact JSON with json.dumps' separators: no free whitespace, so a model cannot pad forever.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
-GrammarKind = Literal["json", "regex", "choice"]
+GrammarKind = Literal["json", "regex", "choice", "lark"]
 
 
 @dataclass(frozen=True)
 class GrammarSpec:
-    """What a request asked for, before compiling: `text` is a JSON schema, a regex, or a JSON list of
-    choices; `param` names the request field it came from (for errors)."""
+    """What a request asked for, before compiling: `text` is a JSON schema, a regex, a JSON list of
+    choices, or an llguidance lark grammar (server/api/tools.py's tool calls); `param` names the request
+    field it came from (for errors)."""
 
     kind: GrammarKind
     text: str
@@ -113,6 +114,8 @@ def _to_llguidance(spec: GrammarSpec) -> str:
         return llguidance.LLMatcher.grammar_from_json_schema(spec.text, defaults=JSON_OPTIONS)
     if spec.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(spec.text)
+    if spec.kind == "lark":
+        return llguidance.LLMatcher.grammar_from_lark(spec.text)
     choices = json.loads(spec.text)  # a list of strings: one literal each
     return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
 
