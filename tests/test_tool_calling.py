@@ -56,23 +56,51 @@ def test_calls_and_content_are_parsed():
         assert tools.parse(text, NAMES) == (text, []), "not a call: the text as it is"
 
 
-def test_fed_in_pieces_equals_whole():
+def _reassembled(events: list) -> tuple[str, list[tuple[str, str, str]]]:
+    """Content and calls (id, name, arguments) put back together from a parser's events, as a client does."""
+    content, calls = "", {}
+    for kind, value in events:
+        if kind == "content":
+            content += value
+        elif kind == "start":
+            assert value[0] not in calls
+            calls[value[0]] = [value[1], value[2], ""]
+        else:
+            calls[value[0]][2] += value[1]
+    return content, [tuple(calls[i]) for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_fed_in_pieces_equals_whole(eager):
     rng = random.Random(1)
     pieces = ["hi ", "<tool_call>\n", '{"name": "add", "arguments": {"a": 1, "b": 2}}', "\n</tool_call>", "\n  ",
-              "<tool_call>{bad}</tool_call>", " then ", "<tool_call>\n", '{"name": "search", "arguments": {"terms": []}}',
+              "<tool_call>{bad}</tool_call>", " then ", "<tool_call>\n", '{"name": "search", "arguments": {"terms": ["}"]}}',
               "\n</tool_call>", "\n", "<tool_ca", "ll> tail"]
-    for _ in range(60):
-        text = "".join(rng.sample(pieces, rng.randint(1, len(pieces))))
+    forced = [tools.call_text("add", {"a": -4, "b": 9}), tools.call_text("search", {"terms": ["}", "\\\"é"]}),
+              tools.call_text("get_weather", {"city": "{}", "unit": "celsius"})]
+    for _ in range(80):
+        if eager:  # what a forced choice's grammar writes: calls, one per line
+            text = "\n".join(rng.choice(forced) for _ in range(rng.randint(1, 4)))
+        else:
+            text = "".join(rng.sample(pieces, rng.randint(1, len(pieces))))
         whole_content, whole_calls = tools.parse(text, NAMES)
-        parser, events, cut = tools.ToolCallParser(NAMES), [], 0
+        parser, events, cut = tools.ToolCallParser(NAMES, eager), [], 0
         while cut < len(text):
             step = rng.randint(1, 7)
             events += parser.feed(text[cut:cut + step])
             cut += step
-        events += parser.finish()
-        content = "".join(v for k, v in events if k == "content")
-        assert (content or None if parser.calls else content) == whole_content, text
-        assert [(c.name, c.arguments) for c in parser.calls] == [(c.name, c.arguments) for c in whole_calls]
+        content, calls = _reassembled(events + parser.finish())
+        assert (content or None if calls else content) == whole_content, text
+        assert [(name, arguments) for _, name, arguments in calls] == [(c.name, c.arguments) for c in whole_calls]
+        assert [call_id for call_id, _, _ in calls] == [c.id for c in parser.calls]
+
+
+def test_forced_calls_stream_their_arguments_in_pieces():
+    parser = tools.ToolCallParser(NAMES, eager=True)
+    text = tools.call_text("search", {"terms": ["a}b", "c"], "exact": True})
+    events = [event for i in range(0, len(text), 3) for event in parser.feed(text[i:i + 3])] + parser.finish()
+    assert [kind for kind, _ in events[:2]] == ["start", "arguments"] and len(events) > 5
+    assert _reassembled(events)[1] == [(parser.calls[0].id, "search", '{"terms": ["a}b", "c"], "exact": true}')]
 
 
 # ---- the prompt ------------------------------------------------------------------------------------
@@ -184,7 +212,7 @@ def test_required_and_named_give_valid_calls(client, model):
     assert call.function.name == "add" and _valid("add", call.function.arguments)
 
 
-def _streamed_calls(stream) -> tuple[str, list[tuple[str, str]], str]:
+def _streamed_calls(stream, pieces: list | None = None) -> tuple[str, list[tuple[str, str]], str]:
     content, calls, finish = "", {}, None
     for chunk in stream:
         for choice in chunk.choices:
@@ -194,6 +222,8 @@ def _streamed_calls(stream) -> tuple[str, list[tuple[str, str]], str]:
                 entry["id"] = delta.id or entry["id"]
                 entry["name"] += (delta.function.name or "") if delta.function else ""
                 entry["arguments"] += (delta.function.arguments or "") if delta.function else ""
+                if pieces is not None and delta.function and delta.function.arguments:
+                    pieces.append(delta.function.arguments)
             finish = choice.finish_reason or finish
     assert all(entry["id"] for entry in calls.values())
     return content, [(calls[i]["name"], calls[i]["arguments"]) for i in sorted(calls)], finish
@@ -204,9 +234,11 @@ def test_streamed_deltas_reassemble_into_the_same_calls(client):
         kwargs = dict(model="alpha", messages=MESSAGES, tools=TOOLS, tool_choice=choice, max_tokens=1000,
                       temperature=0.0, seed=5)
         whole = client.chat.completions.create(**kwargs).choices[0]
-        content, calls, finish = _streamed_calls(client.chat.completions.create(**kwargs, stream=True))
+        pieces = []
+        content, calls, finish = _streamed_calls(client.chat.completions.create(**kwargs, stream=True), pieces)
         assert calls == [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
         assert content == "" and finish == whole.finish_reason == "tool_calls"
+        assert len(pieces) > 2 * len(calls), "a forced call's arguments stream as they are written"
 
 
 CALL_REGEX = r'Checking\.\n<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Oslo|Rome)", "unit": "celsius"\}\}\n</tool_call>'

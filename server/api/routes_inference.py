@@ -326,7 +326,8 @@ async def _chat_chunks(state: AppState, outputs: AsyncIterator[ChoiceOutput], re
     choices = [_Choice() for _ in range(body.n)]
     logprobs = fmt.LogprobFormatter(state.tokenizer)
     names = _tool_names(body)
-    parsers = [tools.ToolCallParser(names) for _ in range(body.n)] if names is not None else None
+    eager = body.tool_mode() in ("required", "named")  # the grammar makes every block a call
+    parsers = [tools.ToolCallParser(names, eager) for _ in range(body.n)] if names is not None else None
     for i in range(body.n):
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
@@ -342,7 +343,7 @@ async def _chat_chunks(state: AppState, outputs: AsyncIterator[ChoiceOutput], re
         else:
             parser = parsers[item.index]
             events = parser.feed(out.text) + (parser.finish() if out.finished else [])
-            for delta in _tool_deltas(events, parser):
+            for delta in _tool_deltas(events):
                 yield chunk([{"index": item.index, "delta": delta, "finish_reason": None, "logprobs": entries}])
                 entries = None  # a piece's logprobs go with its first delta
             if entries is not None and out.logprobs:
@@ -357,16 +358,18 @@ async def _chat_chunks(state: AppState, outputs: AsyncIterator[ChoiceOutput], re
     yield fmt.sse("[DONE]")
 
 
-def _tool_deltas(events: list[tuple[str, object]], parser: tools.ToolCallParser) -> list[dict]:
-    """OpenAI's streamed deltas for parsed events: content as it is; a call as its index, id and name
-    (arguments empty), then its arguments."""
+def _tool_deltas(events: list[tuple[str, object]]) -> list[dict]:
+    """OpenAI's streamed deltas for parsed events: content as it is; a call's index, id and name (arguments
+    empty), then its arguments in pieces."""
     deltas = []
     for kind, value in events:
         if kind == "content":
             deltas.append({"content": value})
-            continue
-        index = parser.calls.index(value)
-        deltas.append({"tool_calls": [{"index": index, "id": value.id, "type": "function",
-                                       "function": {"name": value.name, "arguments": ""}}]})
-        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": value.arguments}}]})
+        elif kind == "start":
+            index, call_id, name = value
+            deltas.append({"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                                           "function": {"name": name, "arguments": ""}}]})
+        else:
+            index, piece = value
+            deltas.append({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
     return deltas

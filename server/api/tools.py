@@ -23,10 +23,12 @@ prose without guessing, and because templates that support tools already render 
 A template whose source never mentions `tools` would drop them silently; the tools are then described in a
 system preamble (`preamble`) that asks for this format, and earlier calls are written into the assistant's
 content in it. The parser reads text incrementally (`ToolCallParser.feed`), so streamed and whole answers
-are cut into content and calls by the same code: a call is streamed once its closing tag is read.
+are cut into content and calls by the same code: a call is streamed once its closing tag is read, or,
+with a forced choice, as it is written (its id and name, then its arguments in pieces).
 """
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -41,7 +43,7 @@ MAX_PARALLEL_CALLS = 8  # a forced answer's calls: a model that repeats itself s
 class ToolCall:
     name: str
     arguments: str  # a JSON object, as text
-    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    id: str = field(default_factory=lambda: _new_id())
 
     def openai(self) -> dict:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
@@ -84,15 +86,25 @@ def _holdback(text: str) -> int:
 
 
 class ToolCallParser:
-    """Cuts an output, fed in pieces, into content and calls; `feed` and `finish` return what is known
-    so far: ("content", text) and ("call", ToolCall) events in order. Whitespace next to a call is dropped."""
+    """Cuts an output, fed in pieces, into content and calls. `feed` and `finish` return the events known
+    so far, in order: ("content", text), ("start", (index, id, name)) and ("arguments", (index, piece)).
+    Whitespace next to a call is dropped.
 
-    def __init__(self, names: set[str]):
+    A call's start and arguments are sent when its block closes; `eager` (a forced choice, whose grammar
+    guarantees every block is a call) sends them as they come: the start once `{"name": "<a tool>",
+    "arguments": ` is read, then the arguments as they grow, holding back a last `}` followed by nothing but
+    whitespace and the start of the closing tag (it may be the block's own closing brace). A forced call cut by max_tokens is then left open in
+    the stream, where a whole answer has its text as content."""
+
+    def __init__(self, names: set[str], eager: bool = False):
         self._names = names
+        self._eager = eager
         self._buffer = ""
         self._held = ""  # trailing whitespace of the content, sent only if more content follows
         self._in_call = False
         self._after_call = False
+        self._open: tuple[str, str] | None = None  # (id, name) of a call started before its block closed
+        self._sent = 0  # how many characters of the open call's arguments went out
         self.calls: list[ToolCall] = []
 
     def feed(self, text: str) -> list[tuple[str, object]]:
@@ -102,15 +114,9 @@ class ToolCallParser:
             if self._in_call:
                 end = self._buffer.find(CLOSE)
                 if end < 0:
-                    return events
+                    return events + (self._stream_open(self._buffer) if self._eager else [])
                 block, self._buffer, self._in_call = self._buffer[:end], self._buffer[end + len(CLOSE):], False
-                call = self._call(block)
-                if call is None:
-                    events += self._content(OPEN + block + CLOSE)
-                else:
-                    self._held, self._after_call = "", True
-                    self.calls.append(call)
-                    events.append(("call", call))
+                events += self._close(block)
             else:
                 start = self._buffer.find(OPEN)
                 if start < 0:
@@ -122,13 +128,43 @@ class ToolCallParser:
                 self._buffer, self._in_call, self._held = self._buffer[start + len(OPEN):], True, ""
 
     def finish(self) -> list[tuple[str, object]]:
-        """The end of the output: an unclosed block is content; held whitespace is kept when there is no call."""
-        rest = (OPEN if self._in_call else "") + self._buffer
-        self._buffer, self._in_call = "", False
+        """The end of the output: an unclosed block is content (unless it was streamed as a call already);
+        held whitespace is kept when there is no call."""
+        rest = "" if self._open else (OPEN if self._in_call else "") + self._buffer
+        self._buffer, self._in_call, self._open = "", False, None
         events = self._content(rest)
         if self._held and not self.calls:
             events.append(("content", self._held))
         self._held = ""
+        return events
+
+    def _stream_open(self, text: str) -> list[tuple[str, object]]:
+        head = _HEAD.match(text)
+        if head is None or head.group(1) not in self._names:
+            return []
+        index, events = len(self.calls), []
+        if self._open is None:
+            self._open = (_new_id(), head.group(1))
+            events.append(("start", (index, *self._open)))
+        arguments = text[head.end():]
+        last = arguments.rfind("}")  # held back while it may be the block's own closing brace
+        upto = last if last >= 0 and CLOSE.startswith(arguments[last + 1:].lstrip()) else len(arguments)
+        if upto > self._sent:
+            events.append(("arguments", (index, arguments[self._sent:upto])))
+            self._sent = upto
+        return events
+
+    def _close(self, block: str) -> list[tuple[str, object]]:
+        call = self._call(block, self._open[0] if self._open else _new_id())
+        if call is None:  # never after a start: that comes only from a grammar, whose blocks are calls
+            return self._content(OPEN + block + CLOSE)
+        index, events = len(self.calls), []
+        if self._open is None:
+            events.append(("start", (index, call.id, call.name)))
+        if call.arguments[self._sent:]:
+            events.append(("arguments", (index, call.arguments[self._sent:])))
+        self.calls.append(call)
+        self._open, self._sent, self._held, self._after_call = None, 0, "", True
         return events
 
     def _content(self, text: str) -> list[tuple[str, object]]:
@@ -140,7 +176,8 @@ class ToolCallParser:
         self._held = text[len(kept):]
         return [("content", kept)] if kept else []
 
-    def _call(self, block: str) -> ToolCall | None:
+    def _call(self, block: str, call_id: str) -> ToolCall | None:
+        """The block as a call, its arguments as the model wrote them (what `eager` streamed), or None."""
         try:
             value = json.loads(block)
         except ValueError:
@@ -148,7 +185,25 @@ class ToolCallParser:
         if (not isinstance(value, dict) or set(value) != {"name", "arguments"} or value["name"] not in self._names
                 or not isinstance(value["arguments"], dict)):
             return None
-        return ToolCall(value["name"], json.dumps(value["arguments"], ensure_ascii=False))
+        head, written = _HEAD.match(block), block.rstrip()
+        arguments = written[head.end():-1] if head and written.endswith("}") else ""
+        if not _same_json(arguments, value["arguments"]):
+            arguments = json.dumps(value["arguments"], ensure_ascii=False)
+        return ToolCall(value["name"], arguments, call_id)
+
+
+_HEAD = re.compile(r'\s*\{"name": "([a-zA-Z0-9_-]{1,64})", "arguments": ')
+
+
+def _new_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _same_json(text: str, value: object) -> bool:
+    try:
+        return json.loads(text) == value
+    except ValueError:
+        return False
 
 
 def parse(text: str, names: set[str]) -> tuple[str | None, list[ToolCall]]:
