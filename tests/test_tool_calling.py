@@ -118,8 +118,14 @@ HISTORY = [ChatMessage(role="user", content="weather in Oslo?"),
            ChatMessage(role="tool", content="-3", tool_call_id="call_1")]
 
 
+def _tokenizer(chat_template: str | None):
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
 def test_a_template_with_tools_gets_them_and_the_history():
-    prompt = chat_prompt(byte_tokenizer(chat_template=HERMES_LIKE), HISTORY, TOOLS)
+    prompt = chat_prompt(_tokenizer(HERMES_LIKE), HISTORY, TOOLS)
     assert all(json.dumps(tool) in prompt for tool in TOOLS), "the tools, as the template writes them"
     assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}</tool_call>' in prompt, \
         "an earlier call's arguments go to the template as a dict"
@@ -127,11 +133,11 @@ def test_a_template_with_tools_gets_them_and_the_history():
 
 
 def test_a_template_without_tools_gets_the_preamble():
-    prompt = chat_prompt(byte_tokenizer(), [ChatMessage(role="system", content="Be brief."), *HISTORY], TOOLS)
+    prompt = chat_prompt(_tokenizer(None), [ChatMessage(role="system", content="Be brief."), *HISTORY], TOOLS)
     assert prompt.startswith("<|system|>\nYou may call these tools") and "Be brief." in prompt
     assert all(f'"name": "{name}"' in prompt for name in NAMES)
     assert tools.call_text("get_weather", {"city": "Oslo", "unit": "celsius"}) in prompt, "earlier calls in the format"
-    assert chat_prompt(byte_tokenizer(), HISTORY[:1]) == "<|user|>\nweather in Oslo?\n<|assistant|>\n", "no tools"
+    assert chat_prompt(_tokenizer(None), HISTORY[:1]) == "<|user|>\nweather in Oslo?\n<|assistant|>\n", "no tools"
 
 
 # ---- the engine: forced calls in a mixed batch -------------------------------------------------------
