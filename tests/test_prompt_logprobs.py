@@ -191,3 +191,30 @@ def _assert_close(streamed, whole) -> None:
 def test_refusals(server, body, param):
     response = httpx.post(server.url + "/v1/completions", json={"model": "base", "prompt": "hi", **body})
     assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+@pytest.mark.parametrize("model", ["base", "pa"])
+def test_lm_evaluation_harness_scores_equal_transformers(server, llama_dir, adapter_dirs, model):
+    """lm-evaluation-harness itself (`local-completions`, its LocalCompletionsAPI) scores hand-made
+    instances against the running server: loglikelihood and loglikelihood_rolling equal the same scores
+    computed with transformers/PEFT."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model=model, tokenizer=str(llama_dir),
+                             tokenizer_backend="huggingface", max_retries=1, timeout=60)
+    pairs = [("the adapter ", "reads"), ("loraserve: ", "many adapters, one base"), ("x", "y")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    scores = lm.loglikelihood(requests, disable_tqdm=True)
+    for (context, continuation), (score, _) in zip(pairs, scores):
+        context_ids, continuation_ids = lm._encode_pair(context, continuation)  # its own split of the text
+        ids = context_ids + continuation_ids
+        reference = _reference(llama_dir, adapter_dirs.get(model), ids)
+        assert score == pytest.approx(sum(_prompt_scores(reference, ids)[len(context_ids) - 1:]), abs=TOLERANCE)
+
+    text = "one base model, many adapters, a batched low-rank path"
+    (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    # One rolling window: every token scored after lm-eval's prefix token.
+    ids = [lm.prefix_token_id, *lm.tok_encode(text)]
+    reference = _reference(llama_dir, adapter_dirs.get(model), ids)
+    assert rolling == pytest.approx(sum(_prompt_scores(reference, ids)), abs=TOLERANCE)
