@@ -295,6 +295,16 @@ def test_openai_parse_with_a_pydantic_model(client):
     assert isinstance(owner, Owner) and len(owner.pets) <= 2
 
 
+def test_langchain_with_structured_output(client):
+    """LangChain's `with_structured_output` (JSON schema) returns a parsed object."""
+    import langchain_openai  # a test dependency (pyproject's test extras): no skip
+
+    model = langchain_openai.ChatOpenAI(base_url=str(client.base_url), api_key="unused", model="alpha", max_tokens=200,
+                                        temperature=0.0, max_retries=0)
+    owner = model.with_structured_output(Owner, method="json_schema").invoke("Who owns which pets?")
+    assert isinstance(owner, Owner) and len(owner.pets) <= 2
+
+
 @pytest.mark.parametrize("extra, param", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}},
      "response_format"),
