@@ -181,3 +181,16 @@ def test_sampled_requests_without_controls_are_unchanged_by_those_with(engine):
 def test_invalid_controls_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_min_tokens_holds_back_stop_strings_like_vllm(engine):
+    """A stop string in the text of the first min_tokens tokens does not end the output (vLLM checks stop
+    strings only from min_tokens on); the same string later does."""
+    plain = engine.generate([PROMPT], SamplingParams(**GREEDY), ["cb"])[0]
+    stop = engine.tokenizer.decode(plain.token_ids[1:2])  # the text of the second token
+    early = engine.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0, stop=(stop,)), ["cb"])[0]
+    assert early.finish_reason == "stop" and len(early.token_ids) < 6
+    held = engine.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0, stop=(stop,), min_tokens=6),
+                           ["cb"])[0]
+    assert len(held.token_ids) >= 6, "the stop string inside the first min_tokens tokens must not end it"
+    assert held.token_ids == plain.token_ids[:len(held.token_ids)]

@@ -20,11 +20,12 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = 0
 
-    def update(self, output_ids: list[int], final: bool = False) -> str:
-        """The new text to emit; sets `stopped` (and cuts the text) when a stop string appears."""
+    def update(self, output_ids: list[int], final: bool = False, stop_allowed: bool = True) -> str:
+        """The new text to emit; sets `stopped` (and cuts the text) when a stop string appears in the text
+        added while `stop_allowed` (false until a request's min_tokens were generated, as in vLLM)."""
         full = self._decode_new(output_ids, final)
         end = len(full)
-        if self._stop:
+        if self._stop and stop_allowed:
             hit = self._find_stop(full)
             if hit is not None:
                 end, final, self.stopped = hit, True, True

@@ -393,7 +393,8 @@ class LLMEngine:
         text_ids = seq.output_ids
         if stop_token:  # the stop token is not in the text, so not in the logprobs either
             text_ids, logprobs = seq.output_ids[:-1], []
-        text = tracked.detokenizer.update(text_ids, final=reason is not None)
+        text = tracked.detokenizer.update(text_ids, final=reason is not None,
+                                          stop_allowed=len(seq.output_ids) >= params.min_tokens)
         if tracked.detokenizer.stopped:
             reason = FinishReason.STOP
         if reason is not None:
