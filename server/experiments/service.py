@@ -158,9 +158,7 @@ class ExperimentService:
         write = asyncio.to_thread(self._store.finish_request, assignment.request_id, outcome)
         try:
             await asyncio.shield(write)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
+        except Exception:  # CancelledError is not an Exception: a cancelled caller still propagates it
             log.exception("recording the outcome of request %s failed", assignment.request_id)
 
     def feedback(self, request_id: str, score: float, tenant: str | None = None,
