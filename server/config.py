@@ -7,6 +7,7 @@ from pydantic import ByteSize, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DType = Literal["float32", "bfloat16", "float16", "auto"]
+Quantization = Literal["none", "bnb-nf4", "bnb-fp4", "bnb-int8"]
 
 
 class Settings(BaseSettings):
@@ -17,6 +18,9 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="Name of the base in /v1/models (default: dir name).")
     dtype: DType = Field("auto", description="float32 on CPU, bfloat16 on CUDA when 'auto'.")
     device: str = Field("auto", description="'cpu', 'cuda', 'cuda:N' or 'auto'.")
+    quantization: Quantization = Field(
+        "none", description="Quantize the base at load with bitsandbytes (a checkpoint that is already quantized "
+        "loads as such with 'none').")
 
     # Adapters on the device
     max_loras: int = Field(32, ge=1, description="Adapter slots on the device (adapters in one batch).")
@@ -26,10 +30,13 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(64, ge=1, description="Sequences in the running batch at most.")
     torch_threads: int | None = Field(None, ge=1, description="Threads of the engine's forward pass (default: cores).")
     cpu_kernel: bool = Field(True, description="Fused C++ LoRA op for float32 CPU decode steps (built in the background on the first start).")
-    max_batch_tokens: int = Field(2048, ge=16, description="Tokens in one forward pass at most.")
+    max_batch_tokens: int = Field(
+        2048, ge=16, description="Tokens in one forward pass at most; longer prompts are prefilled in chunks.")
     max_queue: int = Field(1024, ge=0, description="Requests waiting for admission at most.")
     kv_cache_memory: ByteSize = Field(ByteSize(512 * 1024**2), description="Bytes for the KV cache.")
     kv_block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
+    enable_prefix_caching: bool = Field(
+        True, description="Keep full KV blocks after their request and reuse them for prompts that start the same way.")
 
     # Merged copies of popular adapters
     merged_budget: ByteSize = Field(ByteSize(512 * 1024**2), description="Bytes of merged weights; 0 = off.")
@@ -76,3 +83,14 @@ class Settings(BaseSettings):
     request_head_timeout: float = Field(
         10.0, gt=0, description="Seconds a client gets to send a whole request head; 408.")
     keep_alive_timeout: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open.")
+
+    # Scale-out (`loraserve cluster`, server/cluster/): every other setting applies to each replica.
+    replicas: int = Field(1, ge=1, description="Engine replicas behind the cluster's one HTTP endpoint.")
+    replica_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved by each replica (a fraction shares a core).")
+    shared_limits: bool = Field(
+        False, description="Tenant limits counted in the catalogue database, across every process sharing it "
+                           "(`loraserve cluster` turns it on).")
+
+
+# Settings only `loraserve cluster` reads: other commands do not offer them.
+CLUSTER_ONLY = frozenset({"replicas", "replica_cpus"})

@@ -29,6 +29,7 @@ FLAGS: dict[str, tuple[list[str], object]] = {
     "max_queue": (["--max-queue", "0"], 0),
     "kv_cache_memory": (["--kv-cache-memory", "2GB"], 2 * 10**9),
     "kv_block_size": (["--kv-block-size", "32"], 32),
+    "enable_prefix_caching": (["--no-enable-prefix-caching"], False),
     "merged_budget": (["--merged-budget", "0"], 0),
     "merge_promote_share": (["--merge-promote-share", "0.75"], 0.75),
     "merge_demote_share": (["--merge-demote-share", "0.1"], 0.1),

@@ -3,8 +3,10 @@
 transformers' modeling code computes q/k/v and calls the registered function with whatever extra
 keyword arguments were given to the model's forward; the runner passes `attn_metadata`. The batch is
 packed: all sequences' new tokens along one axis (batch dimension 1), each with its own positions.
-New sequences (prefills) attend causally to their own tokens; running sequences (one decode token
-each) attend to their cached history, batched with a padding mask.
+Prefills from position 0 attend causally to their own tokens; chunks that continue a prefill (a later
+chunk of a long prompt, or the rest of a prompt after a cached prefix) attend to their cached history
+and causally to themselves; running sequences (one decode token each) attend to their cached history,
+batched with a padding mask.
 
 For a query at position i of a sequence and that sequence's keys at positions j (what transformers'
 eager attention computes from the same arguments):
@@ -49,11 +51,32 @@ class DecodeBatch:
 
 
 @dataclass(frozen=True)
+class ChunkWithHistory:
+    """Tokens [start, end) of the packed batch, at positions `query_position`…, continuing a sequence
+    whose cached positions `first_position`… are at `kv_rows` (the chunk's own rows last)."""
+
+    start: int
+    end: int
+    query_position: int
+    first_position: int
+    kv_rows: torch.Tensor  # (L,)
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """(n, L): query i (position q) attends to key j (position k) iff k ≤ q, and q − window < k."""
+        device = self.kv_rows.device
+        queries = torch.arange(self.query_position, self.query_position + self.end - self.start, device=device)
+        keys = torch.arange(self.first_position, self.first_position + self.kv_rows.shape[0], device=device)
+        distance = queries[:, None] - keys[None, :]
+        return (distance >= 0) if sliding_window is None else (distance >= 0) & (distance < sliding_window)
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     kv_cache: PagedKVCache
     write_rows: torch.Tensor  # (T,) cache row of every new token
-    prefills: tuple[tuple[int, int], ...]  # [start, end) of each new sequence in the packed batch
+    prefills: tuple[tuple[int, int], ...]  # [start, end) of each sequence prefilled from position 0
     decode: DecodeBatch | None
+    chunks: tuple[ChunkWithHistory, ...] = ()
 
 
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -70,6 +93,12 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         attended = _attend(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], mask, scaling,
                            softcap, s_aux)
         out[start:end] = attended[0].transpose(0, 1)
+    for chunk in meta.chunks:
+        keys = meta.kv_cache.keys[layer][chunk.kv_rows].transpose(0, 1)[None]  # (1, Hkv, L, D)
+        values = meta.kv_cache.values[layer][chunk.kv_rows].transpose(0, 1)[None]
+        attended = _attend(query[:, :, chunk.start:chunk.end], keys, values, chunk.mask(sliding_window), scaling,
+                           softcap, s_aux)
+        out[chunk.start:chunk.end] = attended[0].transpose(0, 1)
     decode = meta.decode
     if decode is not None:
         rows, mask = decode.attended(sliding_window)

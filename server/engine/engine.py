@@ -17,6 +17,7 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.grammar import constrain
 from server.engine.kv_cache import PagedKVCache
 from server.engine.merging import MergeManager, MergePolicy
+from server.engine.prefix_keys import adapter_cache_key, prefix_cache_key
 from server.engine.model_loader import (
     kv_shape,
     kv_window,
@@ -26,7 +27,8 @@ from server.engine.model_loader import (
     resolve_device,
     resolve_dtype,
 )
-from server.engine.runner import ModelRunner
+from server.engine.rope import PerSequenceRope
+from server.engine.runner import ModelRunner, PromptChunk
 from server.engine.logits_processors import adjust_logits
 from server.engine.sampler import TokenLogprobs, prompt_logprobs, sample, token_logprobs
 from server.engine.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
@@ -56,6 +58,7 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs] | None = None  # in the first output, when asked for
     error: str | None = None  # set when this request alone failed (finish_reason is then "abort")
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,15 @@ class Completion:
 class _Tracked:
     seq: Sequence
     detokenizer: IncrementalDetokenizer
+    prompt_chunks: list[PromptChunk] = field(default_factory=list)  # prompt logits so far, chunk by chunk
+
+    def add_prompt_chunk(self, chunk: PromptChunk) -> None:
+        if chunk.first_position == 0:  # a prefill started over (preemption): the earlier chunks are stale
+            self.prompt_chunks.clear()
+        self.prompt_chunks.append(chunk)
+
+    def prompt_logits(self) -> torch.Tensor:
+        return torch.cat([chunk.logits for chunk in self.prompt_chunks])
 
 
 class LLMEngine:
@@ -91,11 +103,17 @@ class LLMEngine:
         use_kernel = settings.cpu_kernel and self.device.type == "cpu" and self.dtype == torch.float32
         self._kernel_build = build_cpu_kernel_in_background() if use_kernel else None
         wrap_target_modules(model, self.targets, self.slots, lora_batch)
+        ropes = [m for m in model.modules() if isinstance(m, PerSequenceRope)]
+        # LongRoPE keys depend on the length a sequence reaches, not only on its tokens: never shared.
+        self.prefix_caching = settings.enable_prefix_caching and not ropes
+        shape = kv_shape(model)
+        self.num_layers = shape.num_layers
         self.kv_cache = PagedKVCache.from_budget(
-            kv_shape(model), int(settings.kv_cache_memory), settings.kv_block_size, self.dtype, self.device
+            shape, int(settings.kv_cache_memory), settings.kv_block_size, self.dtype, self.device, self.prefix_caching
         )
         limits = SchedulerLimits(settings.max_num_seqs, settings.max_batch_tokens, settings.max_queue)
-        self.scheduler = Scheduler(limits, self.kv_cache.allocator, self.slots, kv_window(model))
+        restarts = None if not ropes else (lambda seq: ropes[0].crosses_switch(seq.computed_length, seq.length))
+        self.scheduler = Scheduler(limits, self.kv_cache.allocator, self.slots, kv_window(model), restarts)
         self.merges = MergeManager(
             MergePolicy(int(settings.merged_budget), settings.merge_promote_share, settings.merge_demote_share,
                         settings.merge_half_life_tokens),
@@ -127,6 +145,8 @@ class LLMEngine:
         return adapter
 
     def add_adapter(self, adapter: LoraAdapter) -> None:
+        if self.adapters.get(adapter.name) is not None:  # the name's weights change: its cached blocks go
+            self.kv_cache.allocator.forget(adapter_cache_key(adapter.name))
         self.adapters[adapter.name] = adapter
 
     def adapter_in_use(self, name: str) -> bool:
@@ -138,6 +158,7 @@ class LLMEngine:
             return False
         self.slots.evict(name)
         self.merges.forget(name)
+        self.kv_cache.allocator.forget(adapter_cache_key(name))
         self.adapters.pop(name, None)
         self.retiring.discard(name)
         return True
@@ -184,7 +205,8 @@ class LLMEngine:
         self._check_fits(prompt_ids, params)
         if len(self.scheduler.waiting) >= self.settings.max_queue:
             raise CapacityError(f"the queue is full ({self.settings.max_queue} requests waiting)")
-        seq = Sequence(request_id=request_id, prompt_ids=prompt_ids, params=params, adapter=lora, tenant=tenant)
+        seq = Sequence(request_id=request_id, prompt_ids=prompt_ids, params=params, adapter=lora, tenant=tenant,
+                       prefix_key=prefix_cache_key(lora, self.num_layers) if self.prefix_caching else None)
         self._requests[request_id] = _Tracked(seq, IncrementalDetokenizer(self.tokenizer, params.stop))
         self.scheduler.add(seq)
 
@@ -213,9 +235,13 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
-        seqs, logits, prompt_logits, outputs = self._forward(batch)
+        seqs, logits, prompt_chunks, outputs = self._forward(batch)
         if logits is None:
             return outputs
+        for seq in batch.sequences:
+            if seq.request_id in self._requests:  # not failed this step
+                self.scheduler.name_computed_blocks(seq)
+        prompt_logits = self._prompt_logits(seqs, prompt_chunks)
         finite = [ok and (seq not in prompt_logits or bool(torch.isfinite(prompt_logits[seq]).all()))
                   for seq, ok in zip(seqs, torch.isfinite(logits).all(dim=-1).tolist())]
         served = [seq for seq, ok in zip(seqs, finite) if ok]
@@ -294,7 +320,7 @@ class LLMEngine:
                 log.info("the fused CPU LoRA op is ready: decode steps with few adapter tokens use it now")
 
     def _forward(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None,
-                                                        dict[Sequence, torch.Tensor], list[RequestOutput]]:
+                                                        dict[Sequence, PromptChunk], list[RequestOutput]]:
         """runner.run(batch); when it raises, each sequence is tried alone, those that fail alone are
         failed (their outputs returned) and the rest runs. A forward that raises leaves no trace in a
         sequence (its computed count moves only on success); a trial that succeeds is undone by resetting
@@ -304,14 +330,13 @@ class LLMEngine:
         try:
             return *self.runner.run(batch), []
         except Exception as error:
-            failures = {seq: self._fails_alone(seq) for seq in batch.sequences}
+            failures = {seq: self._fails_alone(seq, batch) for seq in batch.sequences}
             culprits = {seq: failure for seq, failure in failures.items() if failure is not None}
             log.error("a step failed; failing the %d request(s) that fail alone", len(culprits), exc_info=error)
             culprits = culprits or dict.fromkeys(batch.sequences, error)  # none alone: the step together
         outputs = [self._fail(seq, f"the forward pass failed for this request ({type(failure).__name__})")
                    for seq, failure in culprits.items()]
-        remaining = ScheduledBatch([s for s in batch.prefills if s not in culprits],
-                                   [s for s in batch.decodes if s not in culprits])
+        remaining = batch.only(lambda seq: seq not in culprits)
         if remaining.is_empty:
             return [], None, {}, outputs
         try:
@@ -322,16 +347,23 @@ class LLMEngine:
                 self._fail(seq, f"the forward pass failed for this request ({type(error).__name__})")
                 for seq in remaining.sequences]
 
-    def _fails_alone(self, seq: Sequence) -> Exception | None:
-        computed = seq.num_computed
-        alone = ScheduledBatch([seq], []) if seq.is_prefill else ScheduledBatch([], [seq])
+    def _fails_alone(self, seq: Sequence, batch: ScheduledBatch) -> Exception | None:
+        computed = seq.num_computed, seq.computed_length
+        alone = batch.only(lambda other: other is seq)
         try:
             self.runner.run(alone)
         except Exception as error:
             return error
         finally:
-            seq.num_computed = computed
+            seq.num_computed, seq.computed_length = computed
         return None
+
+    def _prompt_logits(self, sampled: list[Sequence], chunks: dict[Sequence, PromptChunk]) -> dict[Sequence, torch.Tensor]:
+        """The logits at every prompt position of the sampled sequences that asked for prompt logprobs,
+        gathered from the chunks their prompt was prefilled in."""
+        for seq, chunk in chunks.items():
+            self._requests[seq.request_id].add_prompt_chunk(chunk)
+        return {seq: self._requests[seq.request_id].prompt_logits() for seq in sampled if seq.wants_prompt_logprobs}
 
     def _fail(self, seq: Sequence, error: str) -> RequestOutput:
         """End one request with an error; the rest of the batch is unaffected."""
@@ -415,6 +447,7 @@ class LLMEngine:
             completion_tokens=len(seq.output_ids),
             logprobs=logprobs,
             prompt_logprobs=prompt,
+            cached_tokens=seq.cached_tokens,
         )
 
 

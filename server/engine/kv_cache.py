@@ -1,9 +1,10 @@
 """The engine's own paged KV cache: fixed-size blocks handed out to sequences, sized by a byte budget."""
 
-import math
 from dataclasses import dataclass
 
 import torch
+
+from server.engine.block_manager import BlockAllocator
 
 
 @dataclass(frozen=True)
@@ -16,57 +17,27 @@ class KVShape:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.itemsize
 
 
-class BlockAllocator:
-    """Free list of block numbers; a sequence's blocks form its block table."""
-
-    def __init__(self, num_blocks: int, block_size: int):
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self._free = list(range(num_blocks - 1, -1, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return math.ceil(num_tokens / self.block_size)
-
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free)
-
-    def allocate(self, num_blocks: int) -> list[int]:
-        if not self.can_allocate(num_blocks):
-            raise RuntimeError(f"KV cache exhausted: {num_blocks} blocks asked, {len(self._free)} free")
-        return [self._free.pop() for _ in range(num_blocks)]
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
-
-    @property
-    def usage(self) -> float:
-        return 1.0 - len(self._free) / self.num_blocks
-
-
 class PagedKVCache:
     """Per layer, keys and values as (num_blocks·block_size, kv_heads, head_dim) rows.
 
     Token i of a sequence lives in row `block_table[i // block_size] * block_size + i % block_size`.
     """
 
-    def __init__(self, shape: KVShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, shape: KVShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 prefix_caching: bool = False):
         rows = num_blocks * block_size
         self.keys = [torch.zeros(rows, shape.num_kv_heads, shape.head_dim, dtype=dtype, device=device)
                      for _ in range(shape.num_layers)]
         self.values = [torch.zeros_like(k) for k in self.keys]
-        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.allocator = BlockAllocator(num_blocks, block_size, caching=prefix_caching)
 
     @classmethod
     def from_budget(cls, shape: KVShape, budget_bytes: int, block_size: int, dtype: torch.dtype,
-                    device: torch.device) -> "PagedKVCache":
+                    device: torch.device, prefix_caching: bool = False) -> "PagedKVCache":
         num_blocks = budget_bytes // (shape.bytes_per_token(dtype) * block_size)
         if num_blocks < 1:
             raise ValueError(f"KV cache budget of {budget_bytes} bytes holds not even one block")
-        return cls(shape, num_blocks, block_size, dtype, device)
+        return cls(shape, num_blocks, block_size, dtype, device, prefix_caching)
 
     @property
     def capacity_tokens(self) -> int:

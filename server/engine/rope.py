@@ -31,10 +31,11 @@ class PerSequenceRope(nn.Module):
         self.original_context: int = rope.config.rope_parameters["original_max_position_embeddings"]
         self.long_tokens: torch.Tensor | None = None  # (T,) bool, set by the runner around each forward
 
-    def crosses_switch(self, num_computed: int, length: int) -> bool:
-        """True when this step takes the sequence past the original context: its cached keys used the short
+    def crosses_switch(self, computed_length: int, length: int) -> bool:
+        """True when a sequence of `length` tokens, whose cached keys were computed while it was
+        `computed_length` long, has grown past the original context since: those keys used the short
         factors, so it is computed again from its first token."""
-        return 0 < num_computed <= self.original_context < length
+        return 0 < computed_length <= self.original_context < length
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         long = self.long_tokens

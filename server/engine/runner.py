@@ -5,11 +5,12 @@ path then needs one matmul pair per long run and one bmm pair per rank among the
 """
 
 from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from server.engine.attention import AttentionMetadata, DecodeBatch
+from server.engine.attention import AttentionMetadata, ChunkWithHistory, DecodeBatch
 from server.engine.kv_cache import PagedKVCache
 from server.engine.rope import PerSequenceRope
 from server.engine.scheduler import ScheduledBatch
@@ -25,6 +26,28 @@ LONG_RUN_MIN_TOKENS = 8
 # there is one: it beat the bmm groups up to 24 adapters of 1 token and 16 of 2, tied at 32 of 1 and lost
 # at 32 adapters of 2 tokens each (docs/bench-merge.md has the table).
 FUSED_MAX_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class PromptChunk:
+    first_position: int  # of the chunk in the prompt
+    logits: torch.Tensor  # (n, vocab) at the chunk's positions
+
+
+@dataclass
+class _Packed:
+    """One step's tokens in packed order and where each sequence's rows are."""
+
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    write_rows: list[int] = field(default_factory=list)
+    prefills: list[tuple[int, int]] = field(default_factory=list)
+    chunks: list[ChunkWithHistory] = field(default_factory=list)
+    decodes: list[tuple[int, Sequence]] = field(default_factory=list)
+    keep: list[int] = field(default_factory=list)  # packed rows whose logits are computed
+    last_rows: list[int] = field(default_factory=list)  # of `keep`: each sampled sequence's last position
+    prompt_rows: dict[Sequence, tuple[int, slice]] = field(default_factory=dict)  # first position, rows of keep
+    sampled: list[Sequence] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -43,56 +66,77 @@ class ModelRunner:
         self.ropes = [m for m in model.modules() if isinstance(m, PerSequenceRope)]  # LongRoPE models only
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor, dict[Sequence, torch.Tensor]]:
-        """Returns the sequences in packed order, their next-token logits (N, vocab), and the logits at
-        every prompt position (P, vocab) of the sequences whose prompt logprobs are due (kept in the same
-        forward pass; other sequences keep only their last position)."""
-        merged = self._choose_merged(batch.sequences)
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor, dict[Sequence, PromptChunk]]:
+        """Computes each sequence's chunk of new tokens. Returns the sequences whose last token was
+        computed (to be sampled), in packed order, with their next-token logits (N, vocab), and for the
+        sequences whose prompt logprobs are due, the logits at every prompt position of this step's chunk
+        (kept in the same forward pass; other sequences keep only their last position, or nothing while
+        their prompt is not all computed)."""
+        merged = self._choose_merged(batch)
         # The merged adapter's tokens go last, so the tokens that subtract its delta form one run.
         merged_slot = None if merged is None else merged[1]
         seqs = sorted(batch.sequences, key=lambda seq: (self._slot_of(seq) == merged_slot, self._slot_of(seq)))
-        self._prepare_rope(seqs)
-        tokens, positions, write_rows, prefills, decode_seqs, keep, last_rows = [], [], [], [], [], [], []
-        prompt_rows: dict[Sequence, slice] = {}  # rows of the kept logits at every prompt position
-        for seq in seqs:
-            start = len(tokens)
-            new_positions = range(seq.num_computed, seq.length)
-            tokens += seq.all_ids[seq.num_computed:]
-            positions += new_positions
-            write_rows += [self._row(seq, p) for p in new_positions]
-            if seq.is_prefill:
-                prefills.append((start, len(tokens)))
-            else:
-                decode_seqs.append((start, seq))
-            if seq.wants_prompt_logprobs:
-                prompt_rows[seq] = slice(len(keep), len(keep) + len(tokens) - start)
-                keep += range(start, len(tokens))
-            else:
-                keep.append(len(tokens) - 1)
-            last_rows.append(len(keep) - 1)
+        self._prepare_rope(seqs, batch)
+        packed = self._pack(seqs, batch)
         meta = AttentionMetadata(
             kv_cache=self.kv_cache,
-            write_rows=self._tensor(write_rows),
-            prefills=tuple(prefills),
-            decode=self._decode_batch(decode_seqs) if decode_seqs else None,
+            write_rows=self._tensor(packed.write_rows),
+            prefills=tuple(packed.prefills),
+            decode=self._decode_batch(packed.decodes) if packed.decodes else None,
+            chunks=tuple(packed.chunks),
         )
-        self._prepare_lora(seqs, [seq.length - seq.num_computed for seq in seqs], merged)
+        self._prepare_lora(seqs, [batch.num_new_tokens(seq) for seq in seqs], merged)
         try:
             out = self.model(
-                input_ids=self._tensor(tokens).unsqueeze(0),
-                position_ids=self._tensor(positions).unsqueeze(0),
-                logits_to_keep=self._tensor(keep),
+                input_ids=self._tensor(packed.tokens).unsqueeze(0),
+                position_ids=self._tensor(packed.positions).unsqueeze(0),
+                logits_to_keep=self._tensor(packed.keep),
                 attn_metadata=meta,
                 use_cache=False,
             )
         finally:
             self.lora_batch.clear()
         for seq in seqs:
-            seq.num_computed = seq.length
+            seq.num_computed += batch.num_new_tokens(seq)
+            seq.computed_length = seq.length
         logits = out.logits[0]
-        if not prompt_rows:
-            return seqs, logits, {}
-        return seqs, logits[self._tensor(last_rows)], {seq: logits[rows] for seq, rows in prompt_rows.items()}
+        if not packed.prompt_rows:
+            return packed.sampled, logits, {}
+        prompt_chunks = {seq: PromptChunk(first, logits[rows]) for seq, (first, rows) in packed.prompt_rows.items()}
+        return packed.sampled, logits[self._tensor(packed.last_rows)], prompt_chunks
+
+    def _pack(self, seqs: list[Sequence], batch: ScheduledBatch) -> "_Packed":
+        packed = _Packed()
+        for seq in seqs:
+            start, first = len(packed.tokens), seq.num_computed
+            new_positions = range(first, first + batch.num_new_tokens(seq))
+            packed.tokens += seq.all_ids[new_positions.start:new_positions.stop]
+            packed.positions += new_positions
+            packed.write_rows += [self._row(seq, p) for p in new_positions]
+            end = len(packed.tokens)
+            if first == 0:
+                packed.prefills.append((start, end))
+            elif end - start == 1:
+                packed.decodes.append((start, seq))
+            else:
+                packed.chunks.append(self._chunk_with_history(seq, start, end))
+            completes = new_positions.stop == seq.length
+            if seq.wants_prompt_logprobs:
+                packed.prompt_rows[seq] = (first, slice(len(packed.keep), len(packed.keep) + end - start))
+                packed.keep += range(start, end)
+            elif completes:
+                packed.keep.append(end - 1)
+            if completes:
+                packed.last_rows.append(len(packed.keep) - 1)
+                packed.sampled.append(seq)
+        return packed
+
+    def _chunk_with_history(self, seq: Sequence, start: int, end: int) -> ChunkWithHistory:
+        """Reads from the first position still held (blocks before it went back out of the window)."""
+        first_position = seq.dropped_blocks * self.block_size
+        last = seq.num_computed + end - start
+        return ChunkWithHistory(start, end, seq.num_computed, first_position,
+                                self._tensor([self._row(seq, p) for p in range(first_position, last)]))
 
     def _slot_of(self, seq: Sequence) -> int:
         slot = self.slots.slot_of(seq.adapter_name) if seq.adapter is not None else None
@@ -104,26 +148,25 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _prepare_rope(self, seqs: list[Sequence]) -> None:
-        """LongRoPE (rope.py): a sequence crossing the original context is computed again from its first
-        token, and every token is marked with whether its sequence ends this step past that context."""
+    def _prepare_rope(self, seqs: list[Sequence], batch: ScheduledBatch) -> None:
+        """LongRoPE (rope.py): every token is marked with whether its sequence is past the original context
+        (the scheduler has a sequence that crossed it computed again from its first token)."""
         for rope in self.ropes:
-            for seq in seqs:
-                if rope.crosses_switch(seq.num_computed, seq.length):
-                    seq.num_computed = 0
             rope.long_tokens = torch.tensor(
-                [seq.length > rope.original_context for seq in seqs for _ in range(seq.num_computed, seq.length)],
+                [seq.length > rope.original_context for seq in seqs for _ in range(batch.num_new_tokens(seq))],
                 dtype=torch.bool, device=self.device,
             )
 
     def _decode_batch(self, decode_seqs: list[tuple[int, Sequence]]) -> DecodeBatch:
-        longest = max(seq.length for _, seq in decode_seqs)
+        """Each decode token (position num_computed, usually the sequence's last) attends to positions
+        0 … num_computed."""
+        longest = max(seq.num_computed + 1 for _, seq in decode_seqs)
         num_blocks = -(-longest // self.block_size)
         tables = self._tensor([seq.block_table[:num_blocks] + [0] * (num_blocks - len(seq.block_table[:num_blocks]))
                                for _, seq in decode_seqs])
         offsets = torch.arange(self.block_size, device=self.device)
         rows = (tables[:, :, None] * self.block_size + offsets).flatten(1)[:, :longest]
-        lengths = self._tensor([seq.length for _, seq in decode_seqs])[:, None]
+        lengths = self._tensor([seq.num_computed + 1 for _, seq in decode_seqs])[:, None]
         mask = torch.arange(longest, device=self.device)[None, :] < lengths
         return DecodeBatch(
             token_index=self._tensor([start for start, _ in decode_seqs]),
@@ -151,7 +194,7 @@ class ModelRunner:
             rows = [no_adapter_row if s == NO_SLOT else s for s in token_slots]
             self.lora_batch.dora_rows = self._tensor(rows)
 
-    def _choose_merged(self, seqs: list[Sequence]) -> tuple[str, int] | None:
+    def _choose_merged(self, batch: ScheduledBatch) -> tuple[str, int] | None:
         """The merged adapter this step runs on, with its slot, or None for the base weights.
 
         A step made only of one merged adapter's tokens runs on its copy with no LoRA work at all. A mixed
@@ -159,8 +202,8 @@ class ModelRunner:
         tokens (so subtracting its delta from the others costs less than it saves) and no DoRA adapter
         is in the step (DoRA's per-channel factor does not commute with the subtraction)."""
         tokens: Counter[str | None] = Counter()
-        for seq in seqs:
-            tokens[seq.adapter_name] += seq.length - seq.num_computed
+        for seq in batch.sequences:
+            tokens[seq.adapter_name] += batch.num_new_tokens(seq)
         candidates = [name for name in tokens if name in self.merged]
         if not candidates:
             return None

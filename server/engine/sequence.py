@@ -113,6 +113,11 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     dropped_blocks: int = 0  # leading blocks of block_table given back: their keys fell out of every window
     num_computed: int = 0  # tokens whose keys/values are in the cache
+    computed_length: int = 0  # its length at the last step that computed tokens (LongRoPE's switch: rope.py)
+    prefix_key: str | None = None  # whose cached KV blocks it may share (prefix_keys.py); None: no prefix caching
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks so far (block_manager.py)
+    named_blocks: int = 0  # leading blocks of block_table entered into the prefix cache
+    cached_tokens: int = 0  # prompt tokens its first admission found in the prefix cache
     arrival: int = field(default_factory=lambda: next(_arrival_counter))
     arrival_time: float = field(default_factory=time.monotonic)
     generator: torch.Generator | None = None
@@ -137,17 +142,19 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
-    def is_prefill(self) -> bool:
-        return self.num_computed == 0
+    def num_uncomputed(self) -> int:
+        """Tokens whose keys/values are not in the cache yet: 1 for a decode, more while prefilling."""
+        return self.length - self.num_computed
 
     @property
     def wants_prompt_logprobs(self) -> bool:
-        """Its prompt's logprobs are due: asked for, and this is the first prefill (not a recompute)."""
-        return self.params.prompt_logprobs is not None and self.is_prefill and not self.output_ids
+        """Its prompt's logprobs are due: asked for, and its first prefill is not over (not a recompute)."""
+        return self.params.prompt_logprobs is not None and not self.output_ids
 
     def reset_for_recompute(self) -> None:
         """After preemption: the cache is gone, prompt and output so far are prefilled again."""
         self.block_table = []
         self.dropped_blocks = 0
-        self.num_computed = 0
+        self.named_blocks = 0
+        self.num_computed = self.computed_length = 0
         self.status = SequenceStatus.WAITING
