@@ -5,11 +5,20 @@ import logging
 import sys
 from pathlib import Path
 
-from server.settings_cli import add_settings_flags, settings_from_args
+from server.config import CLUSTER_ONLY
+from server.settings_cli import add_settings_flags, flag, settings_from_args
 from server.tenancy import commands as keys_commands
 
 
+def _no_cluster_flags(args: argparse.Namespace) -> None:
+    """`--replicas` and `--replica-cpus` mean something only to `loraserve cluster`: refuse, not ignore."""
+    given = sorted(flag(name) for name in CLUSTER_ONLY if name in vars(args))
+    if given:
+        sys.exit(f"loraserve {args.command}: {', '.join(given)} apply to `loraserve cluster` only")
+
+
 def _serve(args: argparse.Namespace) -> int:
+    _no_cluster_flags(args)
     from server.api.app import create_app
     from server.api.http_server import build_server
     from server.api.logging import configure_logging
@@ -27,7 +36,19 @@ def _serve(args: argparse.Namespace) -> int:
     return 0 if server.started else 3  # uvicorn's status for a server that failed to start
 
 
+def _cluster(args: argparse.Namespace) -> int:
+    from server.api.logging import configure_logging
+    from server.cluster.launch import run
+
+    settings = settings_from_args(args)
+    configure_logging(settings.log_format)
+    if "shared_limits" not in settings.model_fields_set:  # replicas count each tenant's traffic together
+        settings = settings.model_copy(update={"shared_limits": True})
+    return run(settings)
+
+
 def _generate(args: argparse.Namespace) -> int:
+    _no_cluster_flags(args)
     from server.engine.engine import LLMEngine
     from server.engine.sequence import SamplingParams
 
@@ -60,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP server")
     add_settings_flags(serve)
     serve.set_defaults(handler=_serve)
+    cluster = commands.add_parser(
+        "cluster", help="run N engine replicas behind one HTTP endpoint on Ray Serve (RAY_ADDRESS: join that cluster)")
+    add_settings_flags(cluster)
+    cluster.set_defaults(handler=_cluster)
     generate = commands.add_parser("generate", help="run one prompt offline on the base and adapters")
     add_settings_flags(generate)
     generate.add_argument("--prompt", required=True)

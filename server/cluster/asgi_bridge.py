@@ -1,0 +1,72 @@
+"""An HTTP request carried across a Ray call: the ingress packs it into a plain dict (`Envelope`), the
+replica plays it into the loraserve ASGI app and streams back what the app sends: first the status and
+headers (`Start`), then the body in the pieces the app wrote them (SSE events stay events).
+
+The replica runs the very app `loraserve serve` runs (routes, auth, errors, limits), so the cluster
+speaks the same API by construction. Leaving early (the client went, the ingress stopped reading) sends
+the app `http.disconnect`, as uvicorn does, so the engine aborts the request.
+"""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Message
+
+log = logging.getLogger(__name__)
+
+Envelope = dict  # method, path, query_string (bytes), headers (list of (bytes, bytes)), body (bytes), client
+
+
+@dataclass(frozen=True)
+class Start:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+
+def scope_of(envelope: Envelope) -> dict:
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "http", "root_path": "",
+        "method": envelope["method"], "path": envelope["path"], "raw_path": envelope["path"].encode(),
+        "query_string": envelope["query_string"], "headers": envelope["headers"],
+        "client": envelope.get("client"), "server": ("loraserve-replica", 0),
+    }
+
+
+async def play(app: ASGIApp, envelope: Envelope, extra_headers: list[tuple[bytes, bytes]]) -> AsyncIterator[Start | bytes]:
+    """Run one request through `app`: yields a `Start`, then the body's non-empty pieces."""
+    out: asyncio.Queue[Message | None] = asyncio.Queue()
+    left = asyncio.Event()
+    body_sent = False
+
+    async def receive() -> Message:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": envelope["body"], "more_body": False}
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        await out.put(message)
+
+    async def run() -> None:
+        try:
+            await app(scope_of(envelope), receive, send)
+        except Exception:  # the app's error handlers already answered (a 500); uvicorn would log it too
+            log.exception("unhandled error in %s %s", envelope["method"], envelope["path"])
+        finally:
+            await out.put(None)
+
+    task = asyncio.create_task(run())
+    try:
+        while (message := await out.get()) is not None:
+            if message["type"] == "http.response.start":
+                yield Start(message["status"], [*message.get("headers", []), *extra_headers])
+            elif message["type"] == "http.response.body" and message.get("body"):
+                yield message["body"]
+    finally:
+        left.set()
+        if not task.done():
+            await asyncio.wait({task}, timeout=5)

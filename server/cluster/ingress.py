@@ -1,0 +1,92 @@
+"""The cluster's HTTP front: one Ray Serve deployment that forwards every request, unchanged, to an
+engine replica and streams the answer back. It knows one thing about the API: which adapter a request
+names (the JSON body's `model`), handed to the router as the request's `multiplexed_model_id`
+(server/cluster/router.py). Everything else (auth, errors, limits, SSE) is the replicas' own app.
+
+A replica that dies before answering yields a 503; one that dies mid-stream ends an SSE stream with an
+error event and [DONE], as the single server ends a request the engine failed."""
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from server.api.errors import error_body
+from server.cluster.asgi_bridge import Envelope, Start
+
+log = logging.getLogger(__name__)
+
+_SSE = b"text/event-stream"
+REPLICA_GONE = "the replica serving this request stopped; retry it"
+
+
+def adapter_of(method: str, body: bytes, base_name: str) -> str | None:
+    """The affinity key of a request: the `model` of a JSON body, unless it is the base (None)."""
+    if method != "POST" or not body.startswith(b"{"):
+        return None
+    try:
+        model = json.loads(body).get("model")
+    except ValueError:  # the replica answers the 400
+        return None
+    return model if isinstance(model, str) and model and model != base_name else None
+
+
+def _sse_error(message: str) -> bytes:
+    data = json.dumps(error_body(503, message, code="replica_unavailable"), separators=(",", ":"))
+    return f"data: {data}\n\ndata: [DONE]\n\n".encode()
+
+
+class Ingress:
+    def __init__(self, replicas, base_name: str, max_body_bytes: int):
+        self._replicas = replicas  # a DeploymentHandle of EngineReplica
+        self._base_name = base_name
+        self._max_body = max_body_bytes
+
+    async def __call__(self, request: Request) -> Response:
+        body = await self._body(request)
+        if body is None:
+            return JSONResponse(error_body(413, f"request body over {self._max_body} bytes",
+                                           code="request_too_large"), status_code=413)
+        envelope: Envelope = {
+            "method": request.method, "path": request.url.path, "query_string": request.url.query.encode(),
+            "headers": list(request.headers.raw), "body": body,
+            "client": (request.client.host, request.client.port) if request.client else None}
+        adapter = adapter_of(request.method, body, self._base_name)
+        stream = self._replicas.options(stream=True, multiplexed_model_id=adapter or "").handle.remote(envelope)
+        try:
+            start = await stream.__anext__()
+        except Exception as exc:  # noqa: BLE001 - the replica died or was unreachable before answering
+            log.warning("replica failed before answering %s %s: %r", request.method, request.url.path, exc)
+            return JSONResponse(error_body(503, REPLICA_GONE, code="replica_unavailable"), status_code=503,
+                                headers={"Retry-After": "1"})
+        assert isinstance(start, Start)
+        response = StreamingResponse(self._rest(stream, dict(start.headers).get(b"content-type", b"")),
+                                     status_code=start.status)
+        response.raw_headers = list(start.headers)
+        return response
+
+    async def _body(self, request: Request) -> bytes | None:
+        """The whole body, or None past the largest body any route accepts (the replica applies each
+        route's own limit)."""
+        pieces, size = [], 0
+        async for piece in request.stream():
+            size += len(piece)
+            if size > self._max_body:
+                return None
+            pieces.append(piece)
+        return b"".join(pieces)
+
+    @staticmethod
+    async def _rest(stream, content_type: bytes) -> AsyncIterator[bytes]:
+        try:
+            async for piece in stream:
+                yield piece
+        except Exception as exc:  # noqa: BLE001 - the replica died mid-answer
+            log.warning("replica failed mid-stream: %r", exc)
+            if not content_type.startswith(_SSE):
+                raise  # a plain body cannot carry an error once its status went out: the connection drops
+            yield _sse_error(REPLICA_GONE)
+        finally:
+            stream.cancel()

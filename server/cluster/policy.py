@@ -1,0 +1,75 @@
+"""Where a request goes: adapter affinity with a load line. Pure code, no Ray: the live router
+(server/cluster/router.py) and the 64-replica simulator (server/cluster/simulate.py) both call it.
+
+Rule, for a request naming adapter X (`None` = the base model):
+- rank 0: the replicas that hold X (resident, or sent X within the last `hold_s`) whose load is under
+  the line `max(spill x mean load, mean load + slack)`;
+- rank 1: every other replica.
+Within a rank the least loaded wins (Ray Serve does that part with fresh queue lengths). A hot adapter
+whose holders all cross the line spills to the least loaded replica, which loads it: it ends up on
+several replicas; a cold one stays on one. Base requests have no holders: least loaded.
+"""
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+SPILL = 1.2  # a holder may carry 20% more than the mean before a request goes elsewhere
+SLACK = 2.0  # ...or two requests more: at low load, a cold start costs more than a short queue
+HOLD_S = 5.0  # a routing decision counts as residency until the replica's own report catches up
+CANDIDATES = 4  # replicas per rank handed to Ray Serve (it probes their queue lengths)
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    id: str
+    load: float  # requests in flight (queued or running)
+
+
+def rank(adapter: str | None, replicas: Sequence[ReplicaView], holders: set[str],
+         spill: float = SPILL, slack: float = SLACK, per_rank: int = CANDIDATES) -> list[list[str]]:
+    """Replica ids in ranks of preference (see the module docstring); each rank least loaded first."""
+    if not replicas:
+        return []
+    by_load = sorted(replicas, key=lambda r: r.load)
+    mean = sum(r.load for r in replicas) / len(replicas)
+    line = max(spill * mean, mean + slack)
+    first = [r.id for r in by_load if adapter is not None and r.id in holders and r.load < line]
+    rest = [r.id for r in by_load if r.id not in first]
+    return [ids[:per_rank] for ids in (first, rest) if ids]
+
+
+@dataclass
+class Residency:
+    """Which adapters each replica holds, as far as the router knows: the replica's last report (its
+    engine's device slots) plus what was routed to it since, for `hold_s` (a report lags by up to its
+    period; without this, a burst for a new adapter would spread over every replica)."""
+
+    hold_s: float = HOLD_S
+    _reported: dict[str, frozenset[str]] = field(default_factory=dict)
+    _routed: dict[str, dict[str, float]] = field(default_factory=dict)  # replica -> adapter -> when
+
+    def report(self, replica: str, adapters: Iterable[str]) -> None:
+        self._reported[replica] = frozenset(adapters)
+
+    def routed(self, replica: str, adapter: str | None, now: float) -> None:
+        if adapter is not None:
+            self._routed.setdefault(replica, {})[adapter] = now
+
+    def forget(self, replica: str) -> None:
+        self._reported.pop(replica, None)
+        self._routed.pop(replica, None)
+
+    def holders(self, adapter: str | None, now: float) -> set[str]:
+        if adapter is None:
+            return set()
+        found = {r for r, held in self._reported.items() if adapter in held}
+        for replica, sent in self._routed.items():
+            when = sent.get(adapter)
+            if when is not None and now - when < self.hold_s:
+                found.add(replica)
+        return found
+
+    def prune(self, now: float) -> None:
+        """Drop routing notes older than `hold_s` (call now and then: keeps memory bounded)."""
+        for replica, sent in self._routed.items():
+            self._routed[replica] = {a: t for a, t in sent.items() if now - t < self.hold_s}

@@ -1,0 +1,47 @@
+"""One engine replica of the cluster: the whole loraserve app (`server.api.app.create_app`, started
+with its own lifespan) behind one Ray Serve method that plays a request into it (asgi_bridge)."""
+
+import sys
+
+from ray import serve
+
+from server.api.app import create_app
+from server.cluster.asgi_bridge import Envelope, play
+from server.config import Settings
+
+REPLICA_HEADER = b"x-replica"
+
+
+class EngineReplica:
+    """Ray Serve builds it with `async __init__` (the model loads before the replica counts as running)
+    and stops the engine in `__del__`."""
+
+    async def __init__(self, settings: Settings):
+        # As `loraserve serve` does: the engine thread should not wait 5 ms for the GIL between kernels.
+        sys.setswitchinterval(0.0005)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self._app = create_app(settings)
+        self._lifespan = self._app.router.lifespan_context(self._app)
+        await self._lifespan.__aenter__()
+        self._headers = [(REPLICA_HEADER, self.replica_id.encode())]
+
+    async def handle(self, envelope: Envelope):
+        """Stream one HTTP request's answer: a `Start`, then body pieces (call with `stream=True`)."""
+        async for item in play(self._app, envelope, self._headers):
+            yield item
+
+    def record_routing_stats(self) -> dict:
+        """What the router reads (server/cluster/router.py): the adapters in the engine's device slots, by
+        `name@version` and by name, and the requests it holds."""
+        snap = self._app.state.loraserve.engine.snapshot
+        held = set(snap.device_adapters) | set(snap.merged)
+        return {"adapters": sorted(held | {key.partition("@")[0] for key in held}),
+                "load": snap.running + snap.waiting}
+
+    def check_health(self) -> None:
+        if self._app.state.loraserve is None:
+            raise RuntimeError("the engine is not running")
+
+    async def __del__(self):
+        await self._lifespan.__aexit__(None, None, None)
+

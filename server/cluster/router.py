@@ -1,0 +1,64 @@
+"""Ray Serve request routers for the engine replicas.
+
+Why a custom request router and not Ray Serve's model multiplexing: multiplexing tracks the model ids
+its own per-replica LRU loaded, while what a request should follow is what the engine holds in its
+device slots (its own LRU, merged copies, retirements); its fallback also waits up to a matching
+timeout before spreading. Here each replica reports its engine's resident adapters as routing stats
+(`EngineReplica.record_routing_stats`), the ingress names the adapter as the request's
+`multiplexed_model_id`, and `server/cluster/policy.py` (shared with the simulator) ranks replicas;
+Ray Serve still probes queue lengths, applies `max_ongoing_requests` and backs off.
+"""
+
+import random
+import time
+from typing import Any
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from server.cluster.policy import ReplicaView, Residency, rank
+
+_PRUNE_EVERY_S = 30.0
+
+
+def _adapter(pending: PendingRequest | None) -> str | None:
+    return (pending.metadata.multiplexed_model_id or None) if pending is not None else None
+
+
+class AdapterAffinityRouter(FIFOMixin, RequestRouter):
+    """Requests for an adapter go to a replica holding it unless it is over the load line; base
+    requests and spills go to the least loaded replica."""
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        self._residency = Residency(**kwargs)
+        self._pruned = time.monotonic()
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        now = time.monotonic()
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        for replica_id, replica in by_id.items():
+            self._residency.report(replica_id, (replica.routing_stats or {}).get("adapters", ()))
+        views = [ReplicaView(rid, self.replica_queue_len_cache.get(r.replica_id) or 0) for rid, r in by_id.items()]
+        adapter = _adapter(pending_request)
+        if now - self._pruned > _PRUNE_EVERY_S:
+            self._residency.prune(now)
+            self._pruned = now
+        return [[by_id[i] for i in ids] for ids in rank(adapter, views, self._residency.holders(adapter, now))]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        self._residency.routed(replica_id.unique_id, _adapter(pending_request), time.monotonic())
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._residency.forget(replica_id.unique_id)
+
+
+class RandomRouter(FIFOMixin, RequestRouter):
+    """Any replica with room, at random: the baseline the benchmark compares affinity against."""
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        return [random.sample(candidate_replicas, len(candidate_replicas))] if candidate_replicas else []
+
+
+ROUTERS = {"affinity": AdapterAffinityRouter, "random": RandomRouter}
