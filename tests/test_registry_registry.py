@@ -1,6 +1,7 @@
 """AdapterRegistry end to end on real SQLite files and real PEFT safetensors adapters (no fakes)."""
 
 import hashlib
+import os
 import json
 import shutil
 import threading
@@ -180,6 +181,9 @@ def test_restart_keeps_everything_and_cleans_crash_leftovers(open_registry, adap
     first.blobs.stage(*_files(adapter_b), max_bytes=10**9)  # a crash mid-upload: staged, never committed
     (adapters_dir / STATE_DIR / "tmp" / "torn-write").write_bytes(b"\x00" * 10)
     assert len(_state(adapters_dir)[1]) == 2
+    hours_ago = time.time() - 7200  # younger temporaries may be uploads of a replica sharing the store
+    for entry in (adapters_dir / STATE_DIR / "tmp").iterdir():
+        os.utime(entry, (hours_ago, hours_ago))
 
     again = open_registry(validator)
     assert _state(adapters_dir) == ([record.blob_key], [])  # temporaries gone, the blob kept

@@ -4,13 +4,22 @@ key = sha256(sha256(config) ‖ sha256(weights)), over the raw 32-byte digests, 
 blob exactly when both files are byte-identical. Writes go to a temporary directory under `root/tmp/`,
 are fsynced, and become visible with one rename of the whole directory, so no reader ever sees half a blob;
 a crash leaves only temporaries, which `clean_temp` removes at start-up.
+
+Several processes may share one store (replicas of `loraserve cluster` on one volume): `lock()` is held
+by whoever commits a blob and adds its row, or deletes rows and removes blobs no row uses, in every
+process, so a removal never races another replica's upload of the same content.
 """
+
+import contextlib
+import fcntl
 
 import hashlib
 import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +54,18 @@ class BlobStore:
         self.tmp = self.root / "tmp"
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._lock_file = self.root / "blobs.lock"
+        self._thread_lock = threading.Lock()  # flock is per open file: threads of one process queue here
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """The store's one lock across threads and processes (an exclusive flock on `blobs.lock`)."""
+        with self._thread_lock, open(self._lock_file, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def path(self, key: str) -> Path:
         """The directory of a committed blob; a key that is not 64 hex digits is a ValueError."""
@@ -55,10 +76,12 @@ class BlobStore:
     def exists(self, key: str) -> bool:
         return self.path(key).is_dir()
 
-    def clean_temp(self) -> int:
-        """Remove every leftover temporary (from a crash mid-upload); return how many. Call at start-up,
-        before any upload begins: with one server per store, every temporary then is an orphan."""
-        entries = list(self.tmp.iterdir())
+    def clean_temp(self, min_age_s: float = 0.0) -> int:
+        """Remove leftover temporaries (from a crash mid-upload) last changed `min_age_s` ago or more;
+        return how many. Call at start-up: a store shared with running replicas holds their uploads in
+        progress too, so give them an age no upload takes."""
+        cutoff = time.time() - min_age_s
+        entries = [entry for entry in self.tmp.iterdir() if entry.lstat().st_mtime <= cutoff]
         for entry in entries:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)

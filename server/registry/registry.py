@@ -9,12 +9,12 @@ which the next start sweeps once it is an hour old (a replica sharing the store 
 steps of its own upload).
 
 Blobs are garbage: deleting a version removes its blob once no live version uses it, so upload/delete
-cycles leave the disk as it was. Within a process, one lock orders "commit blob + add row" against
-"delete rows + remove unused blobs", so a removal never races an upload of the same content.
+cycles leave the disk as it was. The store's lock (threads and processes: replicas share a store)
+orders "commit blob + add row" against "delete rows + remove unused blobs", so a removal never races
+an upload of the same content.
 """
 
 import logging
-import threading
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, replace
@@ -36,6 +36,10 @@ from server.registry.records import AdapterMetadata, AdapterRecord, AdapterSourc
 from server.registry.single_flight import SingleFlight
 
 log = logging.getLogger(__name__)
+
+# An upload takes less than this between its first byte and its row: a temporary or an unreferenced blob
+# older than that, in a store replicas share, is left by a crash.
+_STALE_S = 3600.0
 
 
 class Validator(Protocol):
@@ -85,14 +89,13 @@ class AdapterRegistry:
         state = self.adapters_dir / STATE_DIR
         state.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(state)
-        if cleaned := self.blobs.clean_temp():
+        if cleaned := self.blobs.clean_temp(min_age_s=_STALE_S):
             log.info("removed %d temporary upload(s) left by an interrupted run", cleaned)
         self.catalogue = catalogue
         self.cache = HostCache(host_cache_bytes)
         self.max_upload_bytes = max_upload_bytes
         self._validate = validator
         self._loads = SingleFlight()
-        self._blob_lock = threading.Lock()  # see the module docstring
         if swept := self.sweep_unused_blobs():
             log.info("removed %d blob(s) that no live adapter version uses", swept)
 
@@ -195,18 +198,18 @@ class AdapterRegistry:
     def delete(self, name: str, version: int | None = None) -> list[AdapterRecord]:
         """Soft-delete one version or all live versions of `name` and drop them from the host cache
         (the engine's device copies are the app's to drop). AdapterNotFoundError if none was live."""
-        with self._blob_lock:
+        with self.blobs.lock():
             deleted = self.catalogue.delete(name, version)
             self._remove_unused({record.blob_key for record in deleted})
         for record in deleted:
             self.cache.evict(record.key)
         return deleted
 
-    def sweep_unused_blobs(self, min_age_s: float = 3600.0) -> int:
+    def sweep_unused_blobs(self, min_age_s: float = _STALE_S) -> int:
         """Remove blobs no live version uses that were committed at least `min_age_s` ago (younger ones
         may belong to an upload between its blob and its row, in a replica sharing the store)."""
         cutoff = time.time() - min_age_s
-        with self._blob_lock:
+        with self.blobs.lock():
             old = {key for key, committed in self.blobs.keys().items() if committed <= cutoff}
             return self._remove_unused(old)
 
@@ -231,7 +234,7 @@ class AdapterRegistry:
              tenant: str | None = None) -> AdapterRecord:
         try:
             adapter = self._validate(staged.directory, name=name)
-            with self._blob_lock:
+            with self.blobs.lock():
                 self.blobs.commit(staged)
                 try:
                     record = self.catalogue.add_version(name, _metadata(adapter, staged, description, source),
