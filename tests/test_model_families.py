@@ -4,7 +4,7 @@ linear layer), one prompt at a time and in one mixed batch; the families the eng
 are refused at load, naming the reason. README's "Model families" section is rendered from `FAMILIES`."""
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -322,3 +322,23 @@ def test_readme_lists_the_families_of_this_matrix():
     text = README.read_text()
     section = text.split("## Model families\n\n", 1)[1].split("\n## ", 1)[0]
     assert section == families_section()
+
+
+@pytest.mark.parametrize("family", SERVED, ids=_ids(SERVED))
+def test_chunked_prefill_and_prefix_cache_match_transformers(models, family):
+    """Prompts prefilled 4 tokens a step beside running decodes, then sent again and continued (a chat's
+    next turn: the earlier answer inside the new prompt), with 4-token blocks cached in between: every
+    output as transformers' (LongRoPE models chunk but never share blocks: their keys depend on the
+    length a sequence reaches)."""
+    base, adapter = models.dirs(family)
+    engine = make_engine(base, kv_block_size=4)
+    engine.load_adapter("all-linear", adapter)
+    engine.scheduler.limits = replace(engine.scheduler.limits, max_batch_tokens=4)
+    first = [(p, a) for p in PROMPTS for a in (None, "all-linear")]
+    answers = engine.generate([p for p, _ in first], GREEDY, [a for _, a in first])
+    follow_ups = [(p + answer.token_ids + [9, 10, 11], a) for (p, a), answer in zip(first, answers)]
+    again = engine.generate([p for p, _ in first + follow_ups], GREEDY, [a for _, a in first + follow_ups])
+    for (prompt, adapter_name), completion in zip(first + first + follow_ups, answers + again):
+        assert completion.token_ids == models.greedy(family, prompt, adapter_name is not None), (len(prompt), adapter_name)
+    hits = engine.snapshot().prefix_hit_tokens
+    assert hits == 0 if engine.runner.ropes else hits > 0

@@ -1,10 +1,11 @@
 """Prometheus metrics: per-adapter and per-experiment-variant request counters and latency histograms,
 engine gauges on scrape."""
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Summary
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from server.engine.async_engine import AsyncEngine
+from server.engine.model_loader import BaseFootprint
 from server.experiments.model import Assignment, Outcome
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -34,6 +35,12 @@ class Metrics:
 
     def watch_engine(self, engine: AsyncEngine) -> None:
         self.registry.register(_EngineCollector(engine))
+
+    def watch_base(self, footprint: BaseFootprint) -> None:
+        """The base's resident bytes, labelled with its quantization (fixed from load on)."""
+        gauge = Gauge("loraserve_base_resident_bytes", "Bytes the base model holds in memory, by quantization.",
+                      ["quantization"], registry=self.registry)
+        gauge.labels(footprint.quantization).set(footprint.resident_bytes)
 
 
 class ExperimentMetrics:
@@ -75,6 +82,16 @@ class _EngineCollector:
         yield _gauge("loraserve_queue_depth", "Requests waiting for admission.", snap.waiting)
         yield _gauge("loraserve_running_batch_size", "Sequences in the running batch.", snap.running)
         yield _gauge("loraserve_kv_cache_usage_ratio", "Share of KV-cache blocks in use.", snap.kv_usage)
+        yield _gauge("loraserve_prefix_cache_blocks", "KV blocks the prefix cache can hand out (held or not).",
+                     snap.prefix_cached_blocks)
+        yield _gauge("loraserve_prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache.",
+                     snap.prefix_hit_rate)
+        yield _counter("loraserve_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.",
+                       snap.prefix_queried_tokens)
+        yield _counter("loraserve_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.",
+                       snap.prefix_hit_tokens)
+        yield _counter("loraserve_prefix_cache_evictions", "Cached KV blocks evicted to make room.",
+                       snap.prefix_evictions)
         yield _gauge("loraserve_device_adapters", "Adapters resident in device slots.", len(snap.device_adapters))
         yield _gauge("loraserve_merged_adapters", "Adapters with a merged copy.", len(snap.merged))
         yield _gauge("loraserve_merged_bytes", "Bytes held by merged copies.", snap.merged_bytes)

@@ -39,6 +39,7 @@ class _Choice:
     token_chars: int = 0  # the length of the token strings streamed so far: where the next text_offset starts
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those served from the prefix cache
     completion_tokens: int = 0
 
 
@@ -72,6 +73,7 @@ async def _collect(outputs: AsyncIterator[ChoiceOutput], count: int) -> list[_Ch
         choice.logprobs += out.logprobs
         choice.prompt_logprobs = choice.prompt_logprobs or out.prompt_logprobs
         choice.prompt_tokens, choice.completion_tokens = out.prompt_tokens, out.completion_tokens
+        choice.cached_tokens = out.cached_tokens
         if out.finished:
             choice.finish_reason = out.finish_reason.value
     return choices
@@ -121,8 +123,9 @@ def _best(choices: list[_Choice], best_of: int, n: int) -> list[_Choice]:
 
 
 def _usage(choices: list[_Choice], n: int) -> dict:
-    prompt = sum(c.prompt_tokens for c in choices[::n])  # each prompt once, however many choices it has
-    return fmt.usage(prompt, sum(c.completion_tokens for c in choices))
+    firsts = choices[::n]  # each prompt once, however many choices it has
+    return fmt.usage(sum(c.prompt_tokens for c in firsts), sum(c.completion_tokens for c in choices),
+                     sum(c.cached_tokens for c in firsts))
 
 
 async def _run(request: Request, state: AppState, body, prompts: list, params: SamplingParams, n: int,
@@ -257,6 +260,7 @@ async def _completion_chunks(state: AppState, outputs: AsyncIterator[ChoiceOutpu
                                    choice.token_chars)
         choice.token_chars += sum(map(len, entry["logprobs"]["tokens"])) if entry["logprobs"] else 0
         choice.prompt_tokens, choice.completion_tokens = out.prompt_tokens, 0 if prompt_only else out.completion_tokens
+        choice.cached_tokens = out.cached_tokens
         yield fmt.sse(fmt.envelope(response_id, "text_completion", body.model, [entry]))
     if body.stream_options and body.stream_options.include_usage:
         yield fmt.sse(fmt.envelope(response_id, "text_completion", body.model, [], _usage(choices, body.n)))
@@ -334,6 +338,7 @@ async def _chat_chunks(state: AppState, outputs: AsyncIterator[ChoiceOutput], re
     async for item in outputs:
         out = item.output
         choices[item.index].prompt_tokens = out.prompt_tokens
+        choices[item.index].cached_tokens = out.cached_tokens
         choices[item.index].completion_tokens = out.completion_tokens
         entries = logprobs.chat(out.logprobs) if body.logprobs else None
         if parsers is None:

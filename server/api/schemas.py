@@ -338,10 +338,15 @@ class DetokenizeRequest(_Strict):
     tokens: list[int]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
 
 class ModelCard(BaseModel):
@@ -351,6 +356,9 @@ class ModelCard(BaseModel):
     owned_by: str = "loraserve"
     root: str
     parent: str | None = None
+    # The base's card only: how it is quantized ('none', 'bnb-nf4', ...) and the bytes it holds in memory.
+    quantization: str | None = None
+    resident_bytes: int | None = None
 
 
 class ModelList(BaseModel):

@@ -299,6 +299,8 @@ class LLMEngine:
             slot_load_seconds=slots.load_seconds, merge_promotions=merges.promotions,
             merge_demotions=merges.demotions, merge_failures=merges.failures,
             preemptions=self.scheduler.preemptions, steps=self.steps, step_seconds=self.step_seconds,
+            prefix_cached_blocks=allocator.num_cached, prefix_queried_tokens=self.scheduler.prefix_queried_tokens,
+            prefix_hit_tokens=self.scheduler.prefix_hit_tokens, prefix_evictions=allocator.evictions,
             tokens_generated=self.tokens_generated, merged_steps=self.runner.merged_steps,
             mixed_merged_steps=self.runner.mixed_merged_steps,
         )

@@ -6,10 +6,10 @@ its largest position. In one sequence's `generate` that means, with omp = `origi
     a step that leaves the sequence with n tokens computes its tokens with the long factors iff n > omp,
     and the step where n first exceeds omp recomputes every token of the sequence with the long factors
     (Phi-3's `prepare_inputs_for_generation` drops the cache there).
-The engine does the same per sequence: the runner marks each token with whether its sequence ends this
-step past omp (`long_tokens`), the wrapped rotary embedding runs transformers' own forward once per group
-(the group's largest position then picks its factors), and a sequence crossing omp is computed again from
-its first token (`crosses_switch`). Only model types whose `generate` recomputes at the switch are served
+The engine does the same per sequence: the runner marks each token with whether its sequence is past omp
+(`long_tokens`), the wrapped rotary embedding runs transformers' own forward once per group (with a marker
+position at omp added to the long group, so that a prefill chunk of early positions still gets the long
+factors), and a sequence crossing omp is computed again from its first token (`crosses_switch`, in chunks). Only model types whose `generate` recomputes at the switch are served
 this way; elsewhere transformers keeps the keys computed with the short factors (refused, not matched).
 """
 
@@ -39,14 +39,19 @@ class PerSequenceRope(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         long = self.long_tokens
-        if long is None or bool(long.all()) or not bool(long.any()):
+        if long is None or not bool(long.any()):  # short tokens only: their positions are all < omp
             return self.rope(x, position_ids, **kwargs)
+        # A chunk of a long sequence may hold only early positions: one extra position at omp makes
+        # transformers pick the long factors for the group whatever its own largest position.
+        marker = torch.full_like(position_ids[:, :1], self.original_context)
+        long_cos, long_sin = self.rope(x, torch.cat([position_ids[:, long], marker], dim=1), **kwargs)
+        if bool(long.all()):
+            return long_cos[:, :-1], long_sin[:, :-1]
         short_cos, short_sin = self.rope(x, position_ids[:, ~long], **kwargs)
-        long_cos, long_sin = self.rope(x, position_ids[:, long], **kwargs)
         cos = short_cos.new_empty(*position_ids.shape, short_cos.shape[-1])
         sin = torch.empty_like(cos)
         cos[:, ~long], sin[:, ~long] = short_cos, short_sin
-        cos[:, long], sin[:, long] = long_cos, long_sin
+        cos[:, long], sin[:, long] = long_cos[:, :-1], long_sin[:, :-1]
         return cos, sin
 
 

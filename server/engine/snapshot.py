@@ -45,11 +45,19 @@ class EngineSnapshot:
     merge_demotions: int = 0
     merge_failures: int = 0
     preemptions: int = 0
+    prefix_cached_blocks: int = 0
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    prefix_evictions: int = 0
     steps: int = 0
     step_seconds: float = 0.0
     tokens_generated: int = 0
     merged_steps: int = 0
     mixed_merged_steps: int = 0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
 
     @property
     def kv_usage(self) -> float:
