@@ -19,12 +19,13 @@ def _no_cluster_flags(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     _no_cluster_flags(args)
-    from server.api.app import create_app
-    from server.api.http_server import build_server
     from server.api.logging import configure_logging
 
     settings = settings_from_args(args)
-    configure_logging(settings.log_format)
+    configure_logging(settings.log_format)  # before the app's imports, some of which log (alembic, bitsandbytes)
+    from server.api.app import create_app
+    from server.api.http_server import build_server
+
     # The engine thread and the event loop share the GIL: a short switch interval keeps the engine's
     # Python between kernels from waiting the default 5 ms each time the loop holds it.
     sys.setswitchinterval(0.0005)

@@ -1,4 +1,5 @@
-"""Structured logs carrying the request id, and the middleware that assigns it (and returns it)."""
+"""Structured logs carrying the request id, the middleware that assigns it (and returns it), and log lines
+that never share a line with a progress bar."""
 
 import contextvars
 import json
@@ -8,6 +9,8 @@ import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
 REQUEST_ID_HEADER = "x-request-id"
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -31,18 +34,42 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class LineAboveBars(logging.StreamHandler):
+    """Writes each record through tqdm, which clears any progress bar on the same stream, writes the line and
+    draws the bar again below it: a log line never lands in the middle of a bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # noqa: BLE001 (logging's contract: report through handleError, never raise)
+            self.handleError(record)
+
+
 def configure_logging(log_format: str) -> None:
-    """`auto`: readable lines for a person at a terminal, JSON for a collector reading a pipe or a file."""
-    handler = logging.StreamHandler()
+    """`auto`: readable lines for a person at a terminal, JSON for a collector reading a pipe or a file.
+
+    Progress bars (transformers' "Loading weights") are for a person watching: they are drawn only as text at
+    a terminal, with log lines written above them; elsewhere they are off, so every line is one record.
+    transformers' own records go through the same handler (it keeps a private stderr handler otherwise)."""
+    at_terminal = sys.stderr.isatty()
     if log_format == "auto":
-        log_format = "text" if sys.stderr.isatty() else "json"
+        log_format = "text" if at_terminal else "json"
     if log_format == "json":
+        handler: logging.Handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter())
     else:
+        handler = LineAboveBars()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    if log_format == "text" and at_terminal:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
 
 
 class RequestIdMiddleware:
