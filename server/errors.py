@@ -37,3 +37,8 @@ class RequestTooLargeError(LoraserveError):
 class InferenceFailedError(LoraserveError):
     """The engine failed this one request (its forward pass raised, or its logits were not finite);
     the other requests of the batch were served."""
+
+
+class DatabaseUnavailableError(LoraserveError):
+    """The catalogue database cannot be reached (a replica cut off from PostgreSQL): a change is refused,
+    not lost, and so is a read with nothing remembered; retry once it is back (503)."""

@@ -50,6 +50,7 @@ _DOMAIN: list[tuple[type[Exception], int, str]] = [
     (errors.RequestTooLargeError, 400, "context_length_exceeded"),
     (errors.InvalidRequestError, 400, "invalid_request"),
     (errors.CapacityError, 503, "server_busy"),
+    (errors.DatabaseUnavailableError, 503, "catalogue_unavailable"),
     (errors.InferenceFailedError, 500, "inference_failed"),
     (experiment_errors.ExperimentNotFoundError, 404, "experiment_not_found"),
     (experiment_errors.InvalidExperimentError, 400, "invalid_experiment"),

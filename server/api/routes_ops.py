@@ -5,6 +5,7 @@ experiment names, so with auth on it answers admins only (401 without a key, 403
 with auth off everyone is an admin and it stays open. /v1/server/state answers any caller with a key:
 the engine's load is no one's secret, but adapter names in it are only those the caller may see."""
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -12,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
 from server.api.auth import authenticate, caller, require_admin
-from server.api.errors import error_response
+from server.api.errors import RETRY_AFTER_SECONDS, error_response
 
 router = APIRouter(tags=["operations"])
 
@@ -25,10 +26,16 @@ async def health() -> dict:
 
 @router.get("/ready")
 async def ready(request: Request):
-    """The model is loaded and the engine is running."""
-    if getattr(request.app.state, "loraserve", None) is None:
+    """The model is loaded, the engine is running and the catalogue database answers (a replica cut off
+    from it still serves what it holds, but refuses changes: a load balancer should send traffic
+    elsewhere)."""
+    state = getattr(request.app.state, "loraserve", None)
+    if state is None:
         return error_response(503, "model not loaded yet", code="not_ready")
-    return {"status": "ready", "model": request.app.state.loraserve.models.base_name}
+    if not await asyncio.to_thread(state.database.ping):
+        return error_response(503, "the catalogue database cannot be reached", code="catalogue_unavailable",
+                              headers={"Retry-After": RETRY_AFTER_SECONDS})
+    return {"status": "ready", "model": state.models.base_name}
 
 
 @router.get("/metrics", dependencies=[Depends(authenticate), Depends(require_admin)])

@@ -11,6 +11,8 @@ Invariants:
   runs the work again, and this time the work sees that row (and answers for it, e.g. a name conflict).
 - In-memory copies (`read_cache`) are dropped once a write of this process to one of their tables has
   committed, and expire after a second for the writes of other processes sharing the database.
+- A database that cannot be reached fails a write with `DatabaseUnavailableError` (503), and the
+  read caches answer from what they last read (a replica cut off from PostgreSQL keeps serving).
 - The event loop never waits on a write: every database write from an async route goes through
   `await asyncio.to_thread(...)`. Reads answered from memory may stay on the loop.
 """
@@ -21,17 +23,21 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import create_engine, event
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import DeclarativeBase, ORMExecuteState, Session, sessionmaker
 
 from server.db import migrate, sqlite
+from server.errors import DatabaseUnavailableError
 from server.read_cache import ReadCache
 
 STATE_DIR = ".loraserve"  # under adapters_dir: the catalogue and the blob store (never an adapter)
 CATALOGUE_FILE = "catalogue.db"
 _WRITE_ATTEMPTS = 5
 _TOUCHED = "loraserve.touched_tables"  # Session.info key: names of the tables a write changed
+UNREACHABLE = (OperationalError, PoolTimeoutError)  # what a lost connection raises
+_CONNECT_TIMEOUT_S = 3  # a server that does not answer: fail the write, do not hang the request
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -48,7 +54,10 @@ class Database:
     def __init__(self, url: str):
         """Connect and upgrade the schema to the newest revision. `url`: a SQLite file or a database
         server (an in-memory SQLite database would be a different one on every thread)."""
-        self.engine = create_engine(url)
+        is_postgres = url.startswith("postgresql")
+        # pre-ping: a connection pooled before a server restart is replaced, not handed out broken.
+        self.engine = create_engine(url, pool_pre_ping=True,
+                                    connect_args={"connect_timeout": _CONNECT_TIMEOUT_S} if is_postgres else {})
         is_sqlite = self.engine.dialect.name == "sqlite"
         if is_sqlite:
             sqlite.configure(self.engine)
@@ -80,15 +89,28 @@ class Database:
             except IntegrityError:
                 if attempts == _WRITE_ATTEMPTS:
                     raise
+            except UNREACHABLE as exc:
+                raise DatabaseUnavailableError(
+                    f"the catalogue database cannot be reached ({type(exc.orig or exc).__name__}); "
+                    "changes are refused until it is back") from exc
             finally:
                 self._drop_copies(touched)
 
     def read_cache(self, tables: Iterable[str], max_entries: int = 4096) -> ReadCache[K, V]:
         """An in-memory copy of answers read from `tables`, dropped after each write of this process
         that changes one of them."""
-        cache: ReadCache[K, V] = ReadCache(max_entries=max_entries)
+        cache: ReadCache[K, V] = ReadCache(max_entries=max_entries, stale_on=UNREACHABLE)
         self._caches.append((frozenset(tables), cache))
         return cache
+
+    def ping(self) -> bool:
+        """Whether the database answers now (`/ready`)."""
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            return True
+        except UNREACHABLE:
+            return False
 
     def close(self) -> None:
         self.engine.dispose()
