@@ -145,8 +145,10 @@ class LLMEngine:
         return adapter
 
     def add_adapter(self, adapter: LoraAdapter) -> None:
-        if self.adapters.get(adapter.name) is not None:  # the name's weights change: its cached blocks go
-            self.kv_cache.allocator.forget(adapter_cache_key(adapter.name))
+        """Register an adapter; one already under its name is replaced (its slot, merged copy and cached KV
+        blocks dropped), which running requests must not be using."""
+        if adapter.name in self.adapters and not self.remove_adapter(adapter.name):
+            raise ValueError(f"adapter {adapter.name!r} is in use by running requests and cannot be replaced")
         self.adapters[adapter.name] = adapter
 
     def adapter_in_use(self, name: str) -> bool:
