@@ -25,12 +25,13 @@ from server.registry.namespace import Name, Namespace
 from server.registry.records import AdapterMetadata
 from server.tenancy.audit import AuditLog
 from server.tenancy.keys import KeyStore
+from server.tenancy import shared_limits  # noqa: F401  (its tables are part of the schema)
 from tests.postgres_server import postgres  # noqa: F401  (a fixture)
 
 DATA = Path(__file__).parent / "data"
 V0_1 = DATA / "catalogue-v0.1.db"
 SECRETS = json.loads((DATA / "catalogue-v0.1.secrets.json").read_text())
-HEAD = "0002"
+HEAD = "0003"
 
 
 BACKENDS = ["sqlite", "postgresql"]
@@ -130,7 +131,7 @@ def test_a_0_1_catalogue_upgrades_with_every_row_and_serves(v0_1):
         catalogue, keys = Catalogue(database, names), KeyStore(database)
         experiments, audit = ExperimentStore(database, names), AuditLog(database)
         # name_owners became `names`: every adapter (deleted ones too), alias and experiment, with its owner
-        assert _tables(v0_1) == TABLES_0_1 - {"name_owners"} | {"names", "alembic_version"}
+        assert _tables(v0_1) == TABLES_0_1 - {"name_owners"} | {"names", "tenant_buckets", "tenant_in_flight", "alembic_version"}
         assert {n: names.get(n) for n in ("support-bot", "old-bot", "acme-bot", "shared", "prod", "acme-prod",
                                           "acme-exp")} == {
             "support-bot": Name("support-bot", "adapter", None, False),

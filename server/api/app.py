@@ -33,7 +33,7 @@ from server.registry.namespace import Namespace
 from server.registry.registry import AdapterRegistry, validator_for
 from server.tenancy.audit import AuditLog
 from server.tenancy.keys import KeyStore
-from server.tenancy.limits import TenantLimiter
+from server.tenancy.shared_limits import limiter_for
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,7 @@ def build_state(settings: Settings, threads: int | None = None) -> AppState:
         keys=keys,
         access=access,
         audit=AuditLog(database),
-        limits=TenantLimiter(settings.tenant_requests_per_minute, settings.tenant_tokens_per_minute,
-                             settings.tenant_max_concurrent),
+        limits=limiter_for(settings, database),
     )
 
 

@@ -1,5 +1,6 @@
 """Per-tenant limits on traffic: requests and tokens per minute (token buckets, refilled continuously)
-and requests in flight at once. In memory, per server process: each replica limits its own share."""
+and requests in flight at once. In memory, per server process; server/tenancy/shared_limits.py counts
+the same limits in the catalogue database for processes that share it (`--shared-limits`)."""
 
 import math
 import threading
