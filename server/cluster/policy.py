@@ -10,6 +10,7 @@ whose holders all cross the line spills to the least loaded replica, which loads
 several replicas; a cold one stays on one. Base requests have no holders: least loaded.
 """
 
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,12 +26,14 @@ class ReplicaView:
     load: float  # requests in flight (queued or running)
 
 
-def rank(adapter: str | None, replicas: Sequence[ReplicaView], holders: set[str],
-         spill: float = SPILL, slack: float = SLACK, per_rank: int = CANDIDATES) -> list[list[str]]:
-    """Replica ids in ranks of preference (see the module docstring); each rank least loaded first."""
+def rank(adapter: str | None, replicas: Sequence[ReplicaView], holders: set[str], spill: float = SPILL,
+         slack: float = SLACK, per_rank: int = CANDIDATES, rng: random.Random | None = None) -> list[list[str]]:
+    """Replica ids in ranks of preference (see the module docstring); each rank least loaded first,
+    ties in random order (idle replicas share base traffic)."""
     if not replicas:
         return []
-    by_load = sorted(replicas, key=lambda r: r.load)
+    draw = (rng or random).random
+    by_load = sorted(replicas, key=lambda r: (r.load, draw()))
     mean = sum(r.load for r in replicas) / len(replicas)
     line = max(spill * mean, mean + slack)
     first = [r.id for r in by_load if adapter is not None and r.id in holders and r.load < line]

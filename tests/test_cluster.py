@@ -1,0 +1,175 @@
+"""`loraserve cluster` for real: a local Ray instance, Ray Serve, the ingress and 2 engine replicas of the
+tiny test model, one catalogue on a real PostgreSQL server and one shared adapter store, auth on.
+One cluster for the module (starting it takes ~40 s on 2 cores); the test that kills a replica runs last."""
+
+import concurrent.futures
+import json
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+
+from server.cluster.deployment import APP_NAME
+from server.cluster.launch import start
+from server.config import Settings
+from server.engine.sequence import SamplingParams
+from server.lora.adapter import CONFIG_FILE, WEIGHTS_FILE
+from tests.factories import make_engine
+from tests.postgres_server import postgres  # noqa: F401  (a fixture)
+from tests.server_harness import free_port
+
+
+ADMIN_KEY = "lsk_cluster-admin-key-for-the-tests"
+BASE = "tiny-llama"
+REQUESTS_PER_MINUTE = 8
+ADAPTERS = {"resident": dict(seed=901, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+            "uploaded": dict(seed=902, r=4, lora_alpha=16, target_modules=["o_proj", "down_proj"])}
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(llama_adapters):
+    return {name: llama_adapters(name, **kw) for name, kw in ADAPTERS.items()}
+
+
+@pytest.fixture(scope="module")
+def cluster(llama_dir, adapter_dirs, postgres, tmp_path_factory):  # noqa: F811
+    store = tmp_path_factory.mktemp("shared-store")
+    settings = Settings(
+        model=llama_dir, adapters_dir=store, catalogue_url=postgres(), dtype="float32", device="cpu",
+        kv_cache_memory=32 * 1024**2, max_loras=2, served_model_name=BASE, torch_threads=1, cpu_kernel=False,
+        lora=[f"resident={adapter_dirs['resident']}"], admin_key=ADMIN_KEY, shared_limits=True,
+        tenant_requests_per_minute=REQUESTS_PER_MINUTE, replicas=2, replica_cpus=0.25, port=free_port(),
+        shutdown_grace_seconds=1)
+    ray.init(num_cpus=2, object_store_memory=80 * 1024**2, include_dashboard=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    try:
+        start(settings)
+        yield f"http://127.0.0.1:{settings.port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir, adapter_dirs):
+    engine = make_engine(llama_dir)
+    for name, path in adapter_dirs.items():
+        engine.load_adapter(name, path)
+
+    def run(prompt: str, adapter: str | None, max_tokens: int) -> str:
+        return engine.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0), [adapter])[0].text
+    return run
+
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def _complete(url: str, model: str, headers=ADMIN, max_tokens: int = 8, **extra) -> httpx.Response:
+    return httpx.post(url + "/v1/completions", headers=headers, timeout=60,
+                      json={"model": model, "prompt": "Hello, cluster!", "max_tokens": max_tokens, "temperature": 0,
+                            **extra})
+
+
+def _key(url: str, tenant: str) -> dict[str, str]:
+    assert httpx.post(url + "/v1/admin/tenants", headers=ADMIN, json={"name": tenant}).status_code == 201
+    created = httpx.post(url + "/v1/admin/keys", headers=ADMIN, json={"role": "tenant", "tenant": tenant})
+    assert created.status_code == 201, created.text
+    return {"Authorization": f"Bearer {created.json()['key']}", "X-Key-Id": created.json()["id"]}
+
+
+def test_the_openai_client_gets_what_one_engine_gives(cluster, reference):
+    client = openai.OpenAI(base_url=cluster + "/v1", api_key=ADMIN_KEY)
+    assert [m.id for m in client.models.list().data] == [BASE, "resident"]
+    base, adapted = reference("Hello, cluster!", None, 12), reference("Hello, cluster!", "resident", 12)
+    assert base != adapted  # the adapter changes the output, so equality below means something
+    for model, expected in ((BASE, base), ("resident", adapted)):
+        result = client.completions.create(model=model, prompt="Hello, cluster!", max_tokens=12, temperature=0)
+        assert result.choices[0].text == expected
+        chunks = list(client.completions.create(model=model, prompt="Hello, cluster!", max_tokens=12,
+                                                temperature=0, stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == expected
+        assert chunks[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="no-such-adapter", prompt="x", max_tokens=1)
+    assert missing.value.body["code"] == "model_not_found"  # the single server's error shape, unchanged
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=cluster + "/v1", api_key="lsk_wrong").models.list()
+
+
+def test_an_adapter_sticks_to_its_replica_and_base_requests_spread(cluster):
+    served = [_complete(cluster, "resident") for _ in range(12)]
+    assert all(r.status_code == 200 for r in served)
+    assert len({r.headers["x-replica"] for r in served[1:]}) == 1  # after the first: the replica holding it
+    base = [_complete(cluster, BASE) for _ in range(16)]
+    assert len({r.headers["x-replica"] for r in base}) == 2  # idle replicas tie: either one
+
+
+def test_an_upload_through_one_replica_is_served_by_the_other(cluster, adapter_dirs, reference):
+    files = {name: (name, (adapter_dirs["uploaded"] / name).read_bytes()) for name in (CONFIG_FILE, WEIGHTS_FILE)}
+    upload = httpx.post(cluster + "/v1/adapters", headers=ADMIN, data={"name": "uploaded"}, files=files, timeout=60)
+    assert upload.status_code == 201, upload.text
+    # Enough at once that the replica holding it crosses the load line and the other one loads it too.
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: _complete(cluster, "uploaded", max_tokens=48), range(16)))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200]
+    by_replica = {a.headers["x-replica"] for a in answers}
+    assert upload.headers["x-replica"] in by_replica and len(by_replica) == 2
+    expected = reference("Hello, cluster!", "uploaded", 48)
+    assert expected != reference("Hello, cluster!", None, 48)
+    assert {a.json()["choices"][0]["text"] for a in answers} == {expected}
+
+
+def test_a_revoked_key_is_refused_by_every_replica_within_a_second(cluster):
+    key = _key(cluster, "revoked-tenant")
+    auth = {"Authorization": key["Authorization"]}
+    seen = {r.headers["x-replica"] for r in (httpx.get(cluster + "/v1/models", headers=auth) for _ in range(16))}
+    assert len(seen) == 2  # both replicas know the key (and remember it for up to a second)
+    revoked = httpx.delete(cluster + f"/v1/admin/keys/{key['X-Key-Id']}", headers=ADMIN)
+    assert revoked.status_code == 200
+    at = time.monotonic()
+    late: dict[str, set[int]] = {}
+    while time.monotonic() - at < 2.0:
+        answer = httpx.get(cluster + "/v1/models", headers=auth)
+        if time.monotonic() - at > 1.0:  # sent after the second: every replica must refuse
+            late.setdefault(answer.headers["x-replica"], set()).add(answer.status_code)
+    assert set(late) == seen and all(codes == {401} for codes in late.values()), late
+
+
+def test_a_tenant_rate_limit_holds_for_the_cluster_not_per_replica(cluster):
+    key = {"Authorization": _key(cluster, "limited-tenant")["Authorization"]}
+    answers = [_complete(cluster, BASE, headers=key, max_tokens=1) for _ in range(2 * REQUESTS_PER_MINUTE)]
+    assert len({a.headers["x-replica"] for a in answers}) == 2
+    codes = [a.status_code for a in answers]
+    assert codes.count(200) == REQUESTS_PER_MINUTE and codes.count(429) == REQUESTS_PER_MINUTE, codes
+    assert answers[-1].json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def _sse(lines) -> list:
+    return [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]"
+            for line in lines if line.startswith("data: ")]
+
+
+def test_a_replica_killed_mid_stream_ends_it_with_an_error_event_and_the_other_serves(cluster):
+    body = {"model": BASE, "prompt": "Hello, cluster!", "max_tokens": 200, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", cluster + "/v1/completions", headers=ADMIN, json=body, timeout=60) as streamed:
+        victim = streamed.headers["x-replica"]
+        lines = streamed.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["choices"][0]["text"] is not None
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#EngineReplica#{victim}", namespace="serve"))
+        events = _sse(lines)
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "replica_unavailable", events[-3:]
+    after = [_complete(cluster, BASE) for _ in range(6)]
+    assert all(a.status_code == 200 for a in after), [a.text for a in after]
+    assert victim not in {a.headers["x-replica"] for a in after}
+    deadline = time.monotonic() + 120  # Ray Serve replaces the dead replica
+    while time.monotonic() < deadline:
+        states = serve.status().applications[APP_NAME].deployments["EngineReplica"].replica_states
+        if states.get("RUNNING") == 2:
+            break
+        time.sleep(1)
+    assert states.get("RUNNING") == 2, states
