@@ -20,6 +20,7 @@ FLAGS: dict[str, tuple[list[str], object]] = {
     "served_model_name": (["--served-model-name", "base"], "base"),
     "dtype": (["--dtype", "float16"], "float16"),
     "device": (["--device", "cpu"], "cpu"),
+    "quantization": (["--quantization", "bnb-nf4"], "bnb-nf4"),
     "max_loras": (["--max-loras", "8"], 8),
     "max_lora_rank": (["--max-lora-rank", "16"], 16),
     "max_num_seqs": (["--max-num-seqs", "4"], 4),

@@ -25,6 +25,7 @@ from server.config import Settings
 from server.db import open_database
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
+from server.engine.model_loader import base_footprint
 from server.engine.torch_threads import engine_threads, use_one_thread
 from server.experiments.service import ExperimentService
 from server.experiments.store import ExperimentStore
@@ -59,6 +60,8 @@ def build_state(settings: Settings, threads: int | None = None) -> AppState:
     runner = AsyncEngine(engine, threads)
     metrics = Metrics()
     metrics.watch_engine(runner)
+    footprint = base_footprint(engine.model)
+    metrics.watch_base(footprint)
     store = ExperimentStore(database, names)
     experiments = ExperimentService(store, registry, base_name, observer=metrics.experiments)
     keys = KeyStore(database)
@@ -72,7 +75,7 @@ def build_state(settings: Settings, threads: int | None = None) -> AppState:
         tokenizer=engine.tokenizer,
         registry=registry,
         models=ModelResolver(base_name, registry, metrics, created=int(time.time()), experiments=experiments,
-                             access=access),
+                             access=access, footprint=footprint),
         inference=InferenceService(runner, metrics, experiments),
         metrics=metrics,
         experiments=experiments,

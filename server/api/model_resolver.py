@@ -3,12 +3,13 @@ experiment (which assigns the caller one of its variants)."""
 
 import asyncio
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from server.api.access import Access
 from server.api.inference import Target, refusal
 from server.api.metrics import Metrics
 from server.api.schemas import ModelCard
+from server.engine.model_loader import BaseFootprint
 from server.experiments.model import Caller, Experiment
 from server.experiments.service import ExperimentService
 from server.registry.registry import AdapterRegistry
@@ -17,8 +18,9 @@ from server.tenancy.keys import Principal
 
 class ModelResolver:
     def __init__(self, base_name: str, registry: AdapterRegistry, metrics: Metrics, created: int,
-                 experiments: ExperimentService, access: Access):
+                 experiments: ExperimentService, access: Access, footprint: BaseFootprint | None = None):
         self.base_name = base_name
+        self._footprint = footprint
         self._registry = registry
         self._metrics = metrics
         self._created = created
@@ -62,7 +64,8 @@ class ModelResolver:
     def cards(self, visible: set[str] | None = None) -> list[ModelCard]:
         """The base first, then every live adapter (by name, newest version) and alias, among `visible`
         names when given."""
-        base = ModelCard(id=self.base_name, created=self._created, root=self.base_name)
+        base = ModelCard(id=self.base_name, created=self._created, root=self.base_name,
+                         **(asdict(self._footprint) if self._footprint else {}))
         adapters = [
             ModelCard(id=record.name, created=int(record.created_at.timestamp()), root=record.key,
                       parent=self.base_name)

@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -72,7 +72,9 @@ class TrafficShares:
 
 class MergeManager:
     def __init__(self, policy: MergePolicy, targets: dict[str, TargetModule]):
-        self.policy = policy
+        # A quantized base is never merged (server/lora/merge.py says why): traffic promotes nothing, and
+        # a pin records a failed build with the reason.
+        self.policy = replace(policy, budget_bytes=0) if any(t.quantized for t in targets.values()) else policy
         self.traffic = TrafficShares(policy.half_life_tokens)
         self.merged: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> module -> merged weight
         self._sizes: dict[str, int] = {}  # adapter -> bytes of its copy (read after every step)

@@ -31,7 +31,10 @@ class LoraBatch:
 
 
 class LoraLinear(nn.Module):
-    """`y = g ⊙ (x·Wᵀ) + bias + (x·A_sᵀ)·B_sᵀ` with each token's own slot s (g = 1 unless DoRA)."""
+    """`y = g ⊙ (x·Wᵀ) + bias + (x·A_sᵀ)·B_sᵀ` with each token's own slot s (g = 1 unless DoRA).
+
+    A quantized base layer (bitsandbytes) computes `x·Wᵀ + bias` with its own forward, in the compute
+    dtype; the low-rank terms are added to its output as on a full-precision base (it is never merged)."""
 
     def __init__(self, target: TargetModule, pool: LoraSlotPool, batch: LoraBatch):
         super().__init__()
@@ -39,17 +42,23 @@ class LoraLinear(nn.Module):
         self.module_name = target.name
         self.fan_in_fan_out = target.fan_in_fan_out
         self.out_features = target.out_features
+        self.quantized = target.quantized
         self._pool = pool
         self._batch = batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = self._batch
         slots = self._pool.modules.get(self.module_name)
-        weight = batch.merged.get(self.module_name, self.base_layer.weight)
+        merged = batch.merged.get(self.module_name)
         bias = self.base_layer.bias
         flat = x.reshape(-1, x.shape[-1])
         dora = batch.dora_rows is not None and slots is not None
-        out = self._matmul(flat, weight, None if dora else bias)
+        if self.quantized and merged is None:
+            out = self.base_layer(flat)
+            if dora and bias is not None:  # the factor g scales x·Wᵀ only
+                out = out - bias
+        else:
+            out = self._matmul(flat, self.base_layer.weight if merged is None else merged, None if dora else bias)
         if dora:
             out = out * slots.dora_scale.index_select(0, batch.dora_rows)
             if bias is not None:
