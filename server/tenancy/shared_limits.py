@@ -134,18 +134,21 @@ class SharedTenantLimiter:
             _InFlightRow.tenant == tenant, _InFlightRow.holder == self._holder, _InFlightRow.count > 0,
         ).values(count=_InFlightRow.count - 1))
 
+    def refresh_leases(self) -> None:
+        """Keep this process's in-flight rows counting; drop rows dead for ten leases."""
+        now = self._clock()
+
+        def refresh(session: Session) -> None:
+            session.execute(update(_InFlightRow).where(
+                _InFlightRow.holder == self._holder, _InFlightRow.count > 0).values(lease_at=_moment(now)))
+            session.execute(delete(_InFlightRow).where(_InFlightRow.lease_at < _moment(now - 10 * LEASE_S)))
+
+        self._db.write(refresh)
+
     def _refresh_leases(self) -> None:
-        """Every third of a lease: keep this process's in-flight rows counting; drop long-dead rows."""
         while not self._stop.wait(LEASE_S / 3):
-            now = self._clock()
-
-            def refresh(session: Session) -> None:
-                session.execute(update(_InFlightRow).where(
-                    _InFlightRow.holder == self._holder, _InFlightRow.count > 0).values(lease_at=_moment(now)))
-                session.execute(delete(_InFlightRow).where(_InFlightRow.lease_at < _moment(now - 10 * LEASE_S)))
-
             try:
-                self._db.write(refresh)
+                self.refresh_leases()
             except DatabaseUnavailableError:
                 continue
 
