@@ -58,6 +58,9 @@ FLAGS: dict[str, tuple[list[str], object]] = {
     "max_header_fields": (["--max-header-fields", "50"], 50),
     "request_head_timeout": (["--request-head-timeout", "2.5"], 2.5),
     "keep_alive_timeout": (["--keep-alive-timeout", "0.5"], 0.5),
+    "replicas": (["--replicas", "3"], 3),
+    "replica_cpus": (["--replica-cpus", "0.5"], 0.5),
+    "shared_limits": (["--shared-limits"], True),
 }
 
 
