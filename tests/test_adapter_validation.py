@@ -72,9 +72,10 @@ def test_pickle_is_refused_and_never_opened(adapter_copy, targets):
 
 @pytest.mark.parametrize("changes,field", [
     ({"peft_type": "PREFIX_TUNING"}, "peft_type"),
-    ({"bias": "all"}, "bias"),
+    ({"bias": "everything"}, "bias"),  # "lora_only" and "all" are served (tests/test_adapter_forms.py)
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"layers_to_transform": [0]}, "layers_to_transform"),
+    ({"layers_to_transform": "first"}, "layers_to_transform"),
+    ({"lora_bias": True, "use_dora": True}, "lora_bias"),
     ({"r": "eight"}, "r"),
     ({"use_dora": "yes"}, "use_dora"),
     ({"target_modules": None}, "target_modules"),
@@ -87,7 +88,7 @@ def test_unsupported_or_wrong_config_names_the_field(adapter_copy, targets, chan
 
 def test_every_problem_is_reported_at_once():
     with pytest.raises(AdapterValidationError) as info:
-        parse_lora_spec({"peft_type": "IA3", "bias": "all", "r": "x", "target_modules": ["q_proj"]})
+        parse_lora_spec({"peft_type": "IA3", "bias": "everything", "r": "x", "target_modules": ["q_proj"]})
     assert len(info.value.problems) == 3
 
 

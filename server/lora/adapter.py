@@ -25,16 +25,21 @@ _PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "
 _ALLOWED_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 # A LoRA adapter's header lists a few hundred tensors: kilobytes. Refused before parsing above this.
 MAX_HEADER_BYTES = 1024**2
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
+# The shortest module name that leaves a known part: `q_proj.base_layer.bias` is q_proj's trained bias.
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+?)\."
+                  r"(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector|base_layer\.bias|bias)$")
+_BIAS_PARTS = ("lora_B.bias", "base_layer.bias", "bias")
 
 
 @dataclass(frozen=True)
 class LoraModuleWeights:
-    """One adapted module: A is (r, d_in); B already holds scale (and DoRA's g): (d_out, r)."""
+    """One adapted module: A is (r, d_in); B already holds scale (and DoRA's g): (d_out, r).
+    A module whose only change is its bias (PEFT's bias="all") has rank 0."""
 
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     dora_scale: torch.Tensor | None  # g, (d_out,), only for DoRA
+    bias: torch.Tensor | None = None  # (d_out,) added to the adapter's rows: trained bias - base bias + scale·lora_B.bias
 
     @property
     def rank(self) -> int:
@@ -55,11 +60,12 @@ class LoraAdapter:
 
     @property
     def trainable_parameters(self) -> int:
-        return sum(w.lora_a.numel() + w.lora_b.numel() for w in self.modules.values())
+        return sum(w.lora_a.numel() + w.lora_b.numel() + (w.bias.numel() if w.bias is not None else 0)
+                   for w in self.modules.values())
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for w in self.modules.values() for t in (w.lora_a, w.lora_b, w.dora_scale) if t is not None]
+        tensors = [t for w in self.modules.values() for t in (w.lora_a, w.lora_b, w.dora_scale, w.bias) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -145,21 +151,42 @@ def _group_by_module(
         if match is None:
             problems.append(f"{key}: not a LoRA tensor name (expected base_model.model.<module>.lora_A.weight, ...)")
             continue
-        module = match["module"]
-        if module not in targets:
-            problems.append(f"{key}: the base model has no linear module named {module!r}")
-        elif not spec.targets(module):
-            problems.append(f"{key}: module {module!r} is not selected by target_modules")
+        module, part = match["module"], match["part"]
+        problem = _part_problem(spec, targets, module, part)
+        if problem is not None:
+            problems.append(f"{key}: {problem}")
         else:
-            grouped.setdefault(module, {})[match["part"]] = tensor
+            grouped.setdefault(module, {})[part] = tensor
     return grouped, problems
+
+
+def _part_problem(spec: LoraSpec, targets: dict[str, TargetModule], module: str, part: str) -> str | None:
+    """Why a tensor of this module and part does not belong in this adapter (None: it does)."""
+    if module not in targets:
+        if part == "bias":
+            return f"bias of {module!r}: only linear layers' biases are served (bias='all' trained another kind)"
+        return f"the base model has no linear module named {module!r}"
+    if part == "bias":  # a trained bias of a module LoRA does not adapt
+        if spec.bias != "all" or spec.targets(module):
+            return f"a bias of {module!r} needs bias='all' (and the module not adapted)"
+    elif not spec.targets(module):
+        return f"module {module!r} is not selected by target_modules"
+    elif part == "base_layer.bias" and spec.bias == "none":
+        return f"a trained bias of {module!r} needs bias='lora_only' or 'all' in the config"
+    elif part == "lora_B.bias" and not spec.lora_bias:
+        return "lora_B.bias needs lora_bias=true in the config"
+    if part in _BIAS_PARTS and targets[module].module.bias is None:
+        return f"a bias for {module!r}, whose base layer has none"
+    return None
 
 
 def _check_module(
     module: str, parts: dict[str, torch.Tensor], spec: LoraSpec, target: TargetModule, max_rank: int
 ) -> list[str]:
     magnitude = parts.get("lora_magnitude_vector")
-    problems = [f"{module}: missing {p}" for p in ("lora_A.weight", "lora_B.weight") if p not in parts]
+    needed = ("lora_A.weight", "lora_B.weight") if "bias" not in parts else ()
+    needed += ("lora_B.bias",) if spec.lora_bias and needed else ()
+    problems = [f"{module}: missing {p}" for p in needed if p not in parts]
     if spec.use_dora and magnitude is None:
         problems.append(f"{module}: use_dora is set but lora_magnitude_vector is missing")
     if not spec.use_dora and magnitude is not None:
@@ -170,7 +197,7 @@ def _check_module(
     expected = {
         "lora_A.weight": (rank, target.in_features),
         "lora_B.weight": (target.out_features, rank),
-        "lora_magnitude_vector": (target.out_features,),
+        **{part: (target.out_features,) for part in ("lora_magnitude_vector", *_BIAS_PARTS)},
     }
     for part, tensor in parts.items():
         if tuple(tensor.shape) != expected[part]:
@@ -186,7 +213,8 @@ def _check_module(
 
 def _overflow_problems(module: str, weights: LoraModuleWeights) -> list[str]:
     """Finite factors can still overflow once scaled (a huge alpha) or cast to the serving dtype."""
-    parts = {"lora_B (scaled)": weights.lora_b, "lora_A": weights.lora_a, "DoRA scale": weights.dora_scale}
+    parts = {"lora_B (scaled)": weights.lora_b, "lora_A": weights.lora_a, "DoRA scale": weights.dora_scale,
+             "bias": weights.bias}
     return [f"{module}: {part} is not finite in the serving dtype (alpha or weights too large)"
             for part, tensor in parts.items() if tensor is not None and not torch.isfinite(tensor).all()]
 
@@ -194,8 +222,8 @@ def _overflow_problems(module: str, weights: LoraModuleWeights) -> list[str]:
 def _fold(
     parts: dict[str, torch.Tensor], spec: LoraSpec, module: str, target: TargetModule, dtype: torch.dtype
 ) -> LoraModuleWeights:
-    a = parts["lora_A.weight"].float()
-    b = parts["lora_B.weight"].float() * spec.scale_for(module)
+    a = parts.get("lora_A.weight", torch.zeros(0, target.in_features)).float()
+    b = parts.get("lora_B.weight", torch.zeros(target.out_features, 0)).float() * spec.scale_for(module)
     dora_scale = None
     if spec.use_dora:
         # DoRA's column norm is constant at inference: compute it once here (PEFT detaches it too).
@@ -204,4 +232,19 @@ def _fold(
         dora_scale = parts["lora_magnitude_vector"].float() / norm
         b = b * dora_scale[:, None]
         dora_scale = dora_scale.to(dtype)
-    return LoraModuleWeights(lora_a=a.to(dtype).contiguous(), lora_b=b.to(dtype).contiguous(), dora_scale=dora_scale)
+    return LoraModuleWeights(lora_a=a.to(dtype).contiguous(), lora_b=b.to(dtype).contiguous(), dora_scale=dora_scale,
+                             bias=_bias_delta(parts, spec.scale_for(module), target, dtype))
+
+
+def _bias_delta(parts: dict[str, torch.Tensor], scale: float, target: TargetModule, dtype: torch.dtype
+                ) -> torch.Tensor | None:
+    """What the adapter adds to the base's bias: its trained bias minus the base's, plus scale·lora_B.bias."""
+    if not any(part in parts for part in _BIAS_PARTS):
+        return None
+    delta = torch.zeros(target.out_features)
+    trained = parts.get("base_layer.bias", parts.get("bias"))
+    if trained is not None:
+        delta += trained.float() - target.module.bias.detach().float().cpu()
+    if "lora_B.bias" in parts:
+        delta += parts["lora_B.bias"].float() * scale
+    return delta.to(dtype)

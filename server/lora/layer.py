@@ -16,22 +16,24 @@ class LoraBatch:
     """What the runner decided for this forward pass; one object, handed to every LoRA layer at wrap time.
 
     plan:      which tokens use which slot (None: no adapter anywhere in the batch).
-    dora_rows: per-token row into each module's DoRA factors (None: no DoRA adapter in the batch).
+    slot_rows: per-token row into each module's DoRA factors and bias deltas (the slot; `num_slots` for
+               none), set only when an adapter of the batch has either.
     merged:    module name -> merged weight (native layout) the whole batch runs on instead of the base.
     fused_op:  the fused CPU op for plans that carry few tokens (set once by the engine; None: torch path).
     """
 
     plan: LoraPlan | None = None
-    dora_rows: torch.Tensor | None = None
+    slot_rows: torch.Tensor | None = None
     merged: dict[str, torch.Tensor] = field(default_factory=dict)
     fused_op: LoraTokensOp | None = None
 
     def clear(self) -> None:
-        self.plan, self.dora_rows, self.merged = None, None, {}
+        self.plan, self.slot_rows, self.merged = None, None, {}
 
 
 class LoraLinear(nn.Module):
-    """`y = g ⊙ (x·Wᵀ) + bias + (x·A_sᵀ)·B_sᵀ` with each token's own slot s (g = 1 unless DoRA).
+    """`y = g_s ⊙ (x·Wᵀ) + bias + c_s + (x·A_sᵀ)·B_sᵀ` with each token's own slot s (g = 1 unless DoRA;
+    c, the adapter's bias delta, is 0 unless it trained biases).
 
     A quantized base layer (bitsandbytes) computes `x·Wᵀ + bias` with its own forward, in the compute
     dtype; the low-rank terms are added to its output as on a full-precision base (it is never merged)."""
@@ -52,7 +54,8 @@ class LoraLinear(nn.Module):
         merged = batch.merged.get(self.module_name)
         bias = self.base_layer.bias
         flat = x.reshape(-1, x.shape[-1])
-        dora = batch.dora_rows is not None and slots is not None
+        rows = batch.slot_rows if slots is not None else None
+        dora = rows is not None and self._pool.any_dora
         if self.quantized and merged is None:
             out = self.base_layer(flat)
             if dora and bias is not None:  # the factor g scales x·Wᵀ only
@@ -60,9 +63,11 @@ class LoraLinear(nn.Module):
         else:
             out = self._matmul(flat, self.base_layer.weight if merged is None else merged, None if dora else bias)
         if dora:
-            out = out * slots.dora_scale.index_select(0, batch.dora_rows)
+            out = out * slots.dora_scale.index_select(0, rows)
             if bias is not None:
                 out = out + bias
+        if rows is not None and slots.bias is not None:
+            out = out + slots.bias.index_select(0, rows)
         if slots is not None and batch.plan is not None:
             add_lora(out, flat, slots.lora_a, slots.lora_b, slots.slot_ranks, batch.plan, batch.fused_op,
                      slots.rank_tensor)

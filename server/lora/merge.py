@@ -18,6 +18,9 @@ def merge_adapter(adapter: LoraAdapter, targets: dict[str, TargetModule]) -> dic
     quantized = sorted(name for name in adapter.modules if targets[name].quantized)
     if quantized:
         raise ValueError(f"no merged copy on a quantized base ({quantized[0]} is quantized): served unmerged")
+    if any(w.bias is not None for w in adapter.modules.values()):
+        # A step on a merged copy gives the merged adapter's tokens no slot row, so no bias delta.
+        raise ValueError(f"no merged copy of {adapter.name}: it changes biases, which a copy of weights omits")
     merged = {}
     for name, weights in adapter.modules.items():
         target = targets[name]

@@ -1,7 +1,7 @@
 """Reading PEFT's `adapter_config.json`: the fields that change the math, and a refusal of the rest."""
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -14,14 +14,10 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 # Fields that change what an adapter computes in ways the batched low-rank path does not model.
 # Each must be absent or hold its PEFT default (any value in the tuple) for the adapter to be served.
 _UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
-    "bias": ("none",),
     "modules_to_save": (None, []),
-    "layers_to_transform": (None, []),
-    "layers_pattern": (None, [], ""),
     "layer_replication": (None, []),
     "target_parameters": (None, []),
     "trainable_token_indices": (None, [], {}),
-    "lora_bias": (False,),
     "use_qalora": (False,),
     "alora_invocation_tokens": (None, []),
     "use_bdlora": (None, False),
@@ -44,12 +40,33 @@ class LoraSpec(BaseModel):
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, FiniteFloat] = Field(default_factory=dict)
     base_model_name_or_path: str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    # Biases the adapter trained: "lora_only" those of adapted modules, "all" every one; lora_bias: a
+    # bias on lora_B (scaled with it). Each is served as a per-token bias delta of the adapter's rows.
+    bias: Literal["none", "lora_only", "all"] = "none"
+    lora_bias: bool = False
 
     def targets(self, module_name: str) -> bool:
         """Whether PEFT would adapt the module of this dotted name (same rules as PEFT's matcher)."""
         if self.exclude_modules and _matches(self.exclude_modules, module_name):
             return False
-        return self.target_modules is not None and _matches(self.target_modules, module_name)
+        if self.target_modules is None or not _matches(self.target_modules, module_name):
+            return False
+        # PEFT applies the layer filter to a list of targets only (a regex selects layers itself).
+        return isinstance(self.target_modules, str) or self._in_layers(module_name)
+
+    def _in_layers(self, module_name: str) -> bool:
+        """PEFT's `layers_to_transform` / `layers_pattern`: the first numbered segment (after a segment
+        named by a pattern, when given) is the layer index."""
+        if self.layers_to_transform in (None, []):
+            return True
+        regexes = _layer_regexes(self.layers_pattern) or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+        match = next((m for m in (compile_pattern(r).match(module_name) for r in regexes) if m is not None), None)
+        if match is None:
+            return False
+        wanted = self.layers_to_transform
+        return int(match.group("idx")) in (wanted if isinstance(wanted, list) else [wanted])
 
     def rank_for(self, module_name: str) -> int:
         key = _pattern_key(self.rank_pattern, module_name)
@@ -69,6 +86,12 @@ def _matches(targets: list[str] | str, module_name: str) -> bool:
     return module_name in targets or any(module_name.endswith("." + t) for t in targets)
 
 
+def _layer_regexes(layers_pattern: list[str] | str | None) -> list[str]:
+    """PEFT's regex per `layers_pattern` entry: the number after that segment is the layer index."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []
+    return [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns]
+
+
 def _key_pattern(key: str) -> str:
     """How PEFT's `get_pattern_key` reads a rank_pattern/alpha_pattern key: a match at the name's end."""
     return rf"(.*\.)?({key})$"
@@ -85,6 +108,7 @@ def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
 def _pattern_problems(spec: LoraSpec) -> list[str]:
     """Every regular expression of the config, compiled now so that matching can never fail later."""
     patterns = [(f, getattr(spec, f)) for f in ("target_modules", "exclude_modules") if isinstance(getattr(spec, f), str)]
+    patterns += [("layers_pattern", regex) for regex in _layer_regexes(spec.layers_pattern)]
     patterns += [(f"{f}.{key}", _key_pattern(key)) for f in ("rank_pattern", "alpha_pattern") for key in getattr(spec, f)]
     problems = []
     for where, pattern in patterns:
@@ -130,4 +154,7 @@ def parse_lora_spec(raw: Any) -> LoraSpec:
 
 
 def _rank_problems(spec: LoraSpec) -> list[str]:
-    return [f"rank_pattern.{k}: rank must be >= 1, got {v}" for k, v in spec.rank_pattern.items() if v < 1]
+    problems = [f"rank_pattern.{k}: rank must be >= 1, got {v}" for k, v in spec.rank_pattern.items() if v < 1]
+    if spec.lora_bias and spec.use_dora:
+        problems.append("lora_bias: not supported together with use_dora (PEFT refuses it too)")
+    return problems

@@ -32,6 +32,10 @@ class ModuleSlots:
         self.lora_b = torch.zeros(num_slots, max_rank, target.out_features, dtype=dtype, device=device)
         # Row `num_slots` is all ones: the DoRA factor of tokens without an adapter (or plain LoRA).
         self.dora_scale = torch.ones(num_slots + 1, target.out_features, dtype=dtype, device=device)
+        # Per-slot bias deltas (PEFT's bias="lora_only"/"all", lora_bias); row `num_slots` stays zero.
+        # Allocated when the first adapter with one arrives: most adapters change no bias.
+        self.bias: torch.Tensor | None = None
+        self._bias_shape = (num_slots + 1, target.out_features, dtype, device)
         self.slot_ranks = [0] * num_slots
         self.rank_tensor = torch.zeros(num_slots, dtype=torch.long)  # the same, for the fused CPU op
 
@@ -44,6 +48,8 @@ class ModuleSlots:
             self.lora_b[slot, :rank].copy_(weights.lora_b.T)
             if weights.dora_scale is not None:
                 self.dora_scale[slot].copy_(weights.dora_scale)
+            if weights.bias is not None:
+                self._bias_buffer()[slot].copy_(weights.bias)
             self._set_rank(slot, rank)
 
     def move(self, source: int, target: int) -> None:
@@ -52,6 +58,8 @@ class ModuleSlots:
         self.lora_a[target, :rank].copy_(self.lora_a[source, :rank])
         self.lora_b[target, :rank].copy_(self.lora_b[source, :rank])
         self.dora_scale[target].copy_(self.dora_scale[source])
+        if self.bias is not None:
+            self.bias[target].copy_(self.bias[source])
         self._set_rank(target, rank)
         self._clear(source)
 
@@ -60,8 +68,16 @@ class ModuleSlots:
         if rank:
             self.lora_a[slot, :rank].zero_()
             self.lora_b[slot, :rank].zero_()
-            self.dora_scale[slot].fill_(1.0)
             self._set_rank(slot, 0)
+        self.dora_scale[slot].fill_(1.0)  # a bias-only module has rank 0: clear these whatever the rank
+        if self.bias is not None:
+            self.bias[slot].zero_()
+
+    def _bias_buffer(self) -> torch.Tensor:
+        if self.bias is None:
+            rows, width, dtype, device = self._bias_shape
+            self.bias = torch.zeros(rows, width, dtype=dtype, device=device)
+        return self.bias
 
     def _set_rank(self, slot: int, rank: int) -> None:
         self.slot_ranks[slot] = rank
@@ -82,6 +98,7 @@ class LoraSlotPool:
         self._resident: OrderedDict[str, int] = OrderedDict()  # adapter name -> slot, least recent first
         self.adapter_ranks = [FREE] * num_slots  # per slot, its adapter's largest rank: non-decreasing
         self._dora: set[str] = set()
+        self._biased: set[str] = set()
         self._users: Counter[str] = Counter()
         self.loads = 0
         self.evictions = 0
@@ -93,6 +110,15 @@ class LoraSlotPool:
 
     def uses_dora(self, name: str) -> bool:
         return name in self._dora
+
+    @property
+    def any_dora(self) -> bool:
+        """A DoRA adapter is resident: layers then apply the per-token factor when rows are set."""
+        return bool(self._dora)
+
+    def needs_rows(self, name: str) -> bool:
+        """Whether the adapter's tokens need their slot row in every module (a DoRA factor or a bias)."""
+        return name in self._dora or name in self._biased
 
     @property
     def resident(self) -> list[str]:
@@ -145,6 +171,8 @@ class LoraSlotPool:
         self.adapter_ranks[slot] = adapter.max_rank
         if any(w.dora_scale is not None for w in adapter.modules.values()):
             self._dora.add(adapter.name)
+        if any(w.bias is not None for w in adapter.modules.values()):
+            self._biased.add(adapter.name)
         self.loads += 1
         self.load_seconds += time.perf_counter() - started
 
@@ -154,6 +182,7 @@ class LoraSlotPool:
             module.write(slot, None)
         self.adapter_ranks[slot] = FREE
         self._dora.discard(name)
+        self._biased.discard(name)
 
     # ---- keeping residents sorted by rank -------------------------------------------------------
 
