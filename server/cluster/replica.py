@@ -7,6 +7,7 @@ from ray import serve
 
 from server.api.app import create_app
 from server.cluster.asgi_bridge import Envelope, play
+from server.cluster.replica_metrics import ReplicaMetrics
 from server.config import Settings
 
 REPLICA_HEADER = b"x-replica"
@@ -24,6 +25,7 @@ class EngineReplica:
         self._lifespan = self._app.router.lifespan_context(self._app)
         await self._lifespan.__aenter__()
         self._headers = [(REPLICA_HEADER, self.replica_id.encode())]
+        self._metrics = ReplicaMetrics()
 
     async def handle(self, envelope: Envelope):
         """Stream one HTTP request's answer: a `Start`, then body pieces (call with `stream=True`)."""
@@ -32,11 +34,11 @@ class EngineReplica:
 
     def record_routing_stats(self) -> dict:
         """What the router reads (server/cluster/router.py): the adapters in the engine's device slots, by
-        `name@version` and by name, and the requests it holds."""
+        `name@version` and by name. Also refreshes the exported metrics."""
         snap = self._app.state.loraserve.engine.snapshot
+        self._metrics.update(snap)
         held = set(snap.device_adapters) | set(snap.merged)
-        return {"adapters": sorted(held | {key.partition("@")[0] for key in held}),
-                "load": snap.running + snap.waiting}
+        return {"adapters": sorted(held | {key.partition("@")[0] for key in held})}
 
     def check_health(self) -> None:
         if self._app.state.loraserve is None:

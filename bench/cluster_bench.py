@@ -1,0 +1,223 @@
+"""Scale-out on Ray Serve (docs/scale-out.md), in one run:
+
+1. The cost of Ray: the same streaming workload (a random Llama, 8 adapters, concurrent greedy requests)
+   against `loraserve serve` alone and against `loraserve cluster` with 1 replica, rounds interleaved;
+   tokens/s of the cluster over the single server (goal >= 0.9).
+2. Affinity on a real cluster: 2 replicas of few slots, ~40 adapters under Zipf traffic; adapter loads into
+   device slots (cold starts, the engines' own counters) per 1,000 requests with the affinity router and
+   with random routing (goal: affinity <= 1/3 of random), and the spread of requests over the replicas.
+3. The same routing code simulated at 64 replicas x 32 slots x 5,000 adapters (server/cluster/simulate.py):
+   cold starts per 1,000 requests and max/mean work of the replicas (goal <= 1.25) at three utilisations.
+
+    python -m bench.cluster_bench           # about 10 minutes on 2 cores
+    python -m bench.cluster_bench --quick   # smaller everything, a smoke test
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from bench.http_bench import build, log, raw_round, workload
+from server.cluster.simulate import POLICIES, Scenario, run, zipf_weights
+from server.config import Settings
+from tests.factories import make_adapter
+from tests.server_harness import ServerProcess, free_port
+
+RESULTS_DIR = Path(__file__).parent / "results"
+GOALS = {"ray_over_serve": 0.9, "affinity_over_random_cold": 1 / 3, "max_over_mean_work": 1.25}
+FULL = dict(hidden=256, intermediate=768, layers=4, heads=8, kv_heads=4, adapters=8, requests=32, max_tokens=32,
+            repeats=3, zipf_adapters=40, zipf_requests=600, slots=4, sim_requests=100_000)
+QUICK = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, adapters=4, requests=8, max_tokens=8,
+             repeats=1, zipf_adapters=12, zipf_requests=80, slots=2, sim_requests=10_000)
+ZIPF_S = 1.1
+UTILISATIONS = (0.5, 0.7, 0.9)
+
+
+def _common(base_dir: Path, store: Path) -> dict:
+    return dict(model=base_dir, adapters_dir=store, dtype="float32", device="cpu", kv_cache_memory=512 * 1024**2,
+                max_loras=32, max_lora_rank=32, max_num_seqs=64, max_batch_tokens=4096, served_model_name="base",
+                cpu_kernel=False, torch_threads=2, log_format="text")
+
+
+def _start_cluster(settings: Settings, routing: str) -> str:
+    """(Re)deploy the application: a second call replaces the first's replicas."""
+    from server.cluster.launch import start
+
+    start(settings, routing)
+    return f"http://127.0.0.1:{settings.port}"
+
+
+def ray_against_serve(base_dir: Path, store: Path, shape: dict, port: int) -> dict:
+    work = workload(shape)
+    env = {k: v for k, v in _common(base_dir, store).items() if k not in ("model", "adapters_dir", "served_model_name")}
+    rounds: dict[str, list[float]] = {"serve": [], "cluster": []}
+    tokens: dict[str, int] = {}
+    texts: dict[str, list[str]] = {}
+    with ServerProcess(base_dir, store, env) as single:
+        cluster = _start_cluster(Settings(**_common(base_dir, store), replicas=1, replica_cpus=2, port=port),
+                                 "affinity")
+        urls = {"serve": single.url, "cluster": cluster}
+        for url in urls.values():  # warm-up: every adapter into its slot, every code path once
+            asyncio.run(raw_round(url, work))
+        for r in range(shape["repeats"]):
+            for name, url in urls.items():
+                seconds, tokens[name], texts[name] = asyncio.run(raw_round(url, work))
+                rounds[name].append(seconds)
+            log(f"round {r + 1}/{shape['repeats']}: " + ", ".join(f"{n} {s[-1]:.2f}s" for n, s in rounds.items()))
+    rates = {name: tokens[name] / min(seconds) for name, seconds in rounds.items()}
+    return {"tokens_per_s": rates, "ratio": rates["cluster"] / rates["serve"],
+            "outputs_equal": texts["serve"] == texts["cluster"], "requests": shape["requests"],
+            "max_tokens": shape["max_tokens"]}
+
+
+def _replica_counters(url: str) -> dict[str, int]:
+    """Each replica's slot loads: /v1/server/state answered by each (X-Replica) at least once."""
+    seen: dict[str, int] = {}
+    for _ in range(200):
+        answer = httpx.get(url + "/v1/server/state", timeout=30)
+        seen[answer.headers["x-replica"]] = answer.json()["counters"]["slot_loads"]
+        if len(seen) == 2:
+            return seen
+    raise RuntimeError(f"only {len(seen)} replica(s) answered")
+
+
+def zipf_on_the_cluster(base_dir: Path, store: Path, shape: dict, port: int) -> dict:
+    rng = np.random.default_rng(7)
+    names = [f"z{i:02d}" for i in range(shape["zipf_adapters"])]
+    picks = [names[i] for i in rng.choice(len(names), size=shape["zipf_requests"],
+                                          p=zipf_weights(len(names), ZIPF_S))]
+    results = {}
+    for routing in ("affinity", "random"):
+        settings = Settings(**{**_common(base_dir, store), "max_loras": shape["slots"], "torch_threads": 1},
+                            replicas=2, replica_cpus=1, port=port)
+        url = _start_cluster(settings, routing)
+        before = _replica_counters(url)
+
+        def one(model: str) -> str:
+            answer = httpx.post(url + "/v1/completions", timeout=120, json={
+                "model": model, "prompt": "zipf", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+            answer.raise_for_status()
+            return answer.headers["x-replica"]
+
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            replicas = list(pool.map(one, picks))
+        seconds = time.perf_counter() - started
+        after = _replica_counters(url)
+        loads = sum(after[r] - before.get(r, 0) for r in after)
+        counts = [replicas.count(r) for r in set(replicas)]
+        results[routing] = {"cold_starts_per_1000": 1000 * loads / len(picks),
+                            "max_over_mean_requests": max(counts) / (sum(counts) / 2), "seconds": seconds}
+        log(f"{routing}: {results[routing]}")
+    results["ratio"] = results["affinity"]["cold_starts_per_1000"] / results["random"]["cold_starts_per_1000"]
+    results.update(adapters=len(names), requests=len(picks), slots_per_replica=shape["slots"], zipf_s=ZIPF_S)
+    return results
+
+
+def simulation(shape: dict) -> dict:
+    out = {}
+    for utilisation in UTILISATIONS:
+        scenario = Scenario(requests=shape["sim_requests"], utilisation=utilisation)
+        for policy in POLICIES:
+            outcome = run(scenario, policy)
+            out.setdefault(policy, []).append({"utilisation": utilisation,
+                                               "cold_starts_per_1000": outcome.cold_starts_per_1000,
+                                               "max_over_mean_work": outcome.max_over_mean_work,
+                                               "mean_latency_s": outcome.mean_latency_s})
+            log(f"simulated {policy} at {utilisation:.0%}: {outcome}")
+    scenario = Scenario(requests=shape["sim_requests"])
+    return {"scenario": {k: getattr(scenario, k) for k in scenario.__dataclass_fields__ if k != "utilisation"},
+            "policies": out}
+
+
+def print_report(result: dict) -> None:
+    ray_part, zipf, sim = result["ray_vs_serve"], result["zipf"], result["simulation"]
+    print(f"\n1 replica through Ray: {ray_part['tokens_per_s']['cluster']:.0f} tok/s vs loraserve serve "
+          f"{ray_part['tokens_per_s']['serve']:.0f} tok/s = {ray_part['ratio']:.2f}x "
+          f"(goal >= {GOALS['ray_over_serve']}); outputs equal: {ray_part['outputs_equal']}")
+    print(f"2 replicas x {zipf['slots_per_replica']} slots, {zipf['adapters']} adapters, Zipf {zipf['zipf_s']}:")
+    for routing in ("affinity", "random"):
+        print(f"  {routing:8s} cold starts/1000: {zipf[routing]['cold_starts_per_1000']:6.1f}   "
+              f"max/mean requests per replica: {zipf[routing]['max_over_mean_requests']:.2f}")
+    print(f"  affinity / random = {zipf['ratio']:.2f} (goal <= {GOALS['affinity_over_random_cold']:.2f})")
+    print("simulated 64 replicas x 32 slots x 5,000 adapters (cold starts/1000, max/mean work):")
+    for policy, rows in sim["policies"].items():
+        print(f"  {policy:12s} " + "  ".join(f"{r['utilisation']:.0%}: {r['cold_starts_per_1000']:5.0f}, "
+                                           f"{r['max_over_mean_work']:.2f}" for r in rows))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    zipf, sim = result["zipf"], result["simulation"]["policies"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    routings = ["affinity", "random"]
+    axes[0].bar(routings, [zipf[r]["cold_starts_per_1000"] for r in routings], color=["tab:blue", "tab:gray"])
+    axes[0].set_title(f"2 replicas, {zipf['adapters']} adapters (Zipf): cold starts / 1000")
+    for policy, rows in sim.items():
+        x = [r["utilisation"] for r in rows]
+        axes[1].plot(x, [r["cold_starts_per_1000"] for r in rows], marker="o", label=policy)
+        axes[2].plot(x, [r["max_over_mean_work"] for r in rows], marker="o", label=policy)
+    axes[1].set_title("simulated 64 x 32 slots x 5,000 adapters: cold starts / 1000")
+    axes[2].set_title("simulated: max / mean work of the replicas")
+    axes[2].axhline(GOALS["max_over_mean_work"], color="red", linestyle="--", label="goal")
+    for ax in axes[1:]:
+        ax.set_xlabel("utilisation")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller everything: a smoke test")
+    args = parser.parse_args(argv)
+    shape = QUICK if args.quick else FULL
+    out = RESULTS_DIR / ("quick" if args.quick else "")
+    out.mkdir(parents=True, exist_ok=True)
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    port = free_port()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            log("building the model and adapters")
+            base_dir, store = build(Path(tmp), shape)
+            zipf_store = Path(tmp) / "zipf"
+            for i in range(shape["zipf_adapters"]):
+                make_adapter(base_dir, zipf_store / f"z{i:02d}", seed=100 + i, r=8, lora_alpha=16,
+                             target_modules=["q_proj", "v_proj"])
+            log("1. one replica through Ray against loraserve serve")
+            result = {"ray_vs_serve": ray_against_serve(base_dir, store, shape, port)}
+            log("2. two replicas, Zipf traffic, affinity against random routing")
+            result["zipf"] = zipf_on_the_cluster(base_dir, zipf_store, shape, port)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    log("3. the simulation")
+    result["simulation"] = simulation(shape)
+    result["goals"] = GOALS
+    print_report(result)
+    (out / "cluster_bench.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / "cluster_bench.png")
+    log(f"wrote {out / 'cluster_bench.json'} and {out / 'cluster_bench.png'}")
+
+
+if __name__ == "__main__":
+    main()
