@@ -8,10 +8,12 @@ import httpx
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from server.config import Settings
 from server.engine.sequence import SamplingParams
+from server.errors import AdapterValidationError
 from server.lora.adapter import CONFIG_FILE, WEIGHTS_FILE
 from tests.factories import build_model, llama_config, make_engine, save_model
 from tests.server_harness import RunningServer
@@ -28,6 +30,13 @@ FORMS = {
                                 layers_to_transform=[1]),
     "layers_pattern": dict(seed=35, r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"],
                            layers_to_transform=[0], layers_pattern="layers"),
+    "lm_head_lora": dict(seed=36, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "lm_head"]),
+    "embed_lora": dict(seed=37, r=8, lora_alpha=16, target_modules=["embed_tokens", "v_proj"]),
+    "saved_head": dict(seed=38, r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    "saved_embed": dict(seed=39, r=4, lora_alpha=8, target_modules=["o_proj"], modules_to_save=["embed_tokens"]),
+    "saved_linear": dict(seed=40, r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["up_proj"]),
+    "trainable_tokens": dict(seed=41, r=4, lora_alpha=8, target_modules=["v_proj"],
+                             trainable_token_indices=[5, 40, 77, 120, 7, 200, 15]),
 }
 
 
@@ -148,3 +157,69 @@ def test_uploaded_over_http_and_served_through_the_tiers(biased_dir, form_dirs, 
         body = {"model": served, "prompt": PROMPTS[1], "max_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}
         choice = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
     assert choice["text"] == engine.generate([PROMPTS[1]], GREEDY, [name])[0].text
+
+
+GPT2_FORMS = {  # GPT-2 ties its output head to the input embedding
+    "tied_tokens": dict(seed=51, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                        trainable_token_indices=[5, 40, 77, 120, 7, 64]),
+    "wte_lora": dict(seed=52, r=8, lora_alpha=16, target_modules=["wte", "c_fc"], fan_in_fan_out=True),
+}
+
+
+def test_gpt2_tied_embedding_forms_match_peft(gpt2_dir, tmp_path):
+    """Trainable tokens on a tied embedding change the head's rows too (PEFT ties them); an embedding
+    LoRA changes only the input side."""
+    dirs = {name: make_form_adapter(gpt2_dir, tmp_path / name, **kwargs) for name, kwargs in GPT2_FORMS.items()}
+    engine = make_engine(gpt2_dir, max_loras=4)
+    for name, directory in dirs.items():
+        engine.load_adapter(name, directory)
+    assert "lm_head" in engine.adapters["tied_tokens"].modules
+    names = [None, *GPT2_FORMS, "tied_tokens"]
+    prompts = [PROMPTS[i % 2] for i in range(len(names))]
+    batched = engine.generate(prompts, GREEDY, names)
+    assert len({tuple(c.token_ids) for c in batched[:3]}) == 3
+    for prompt, name, got in zip(prompts, names, batched):
+        model = AutoModelForCausalLM.from_pretrained(gpt2_dir, dtype=torch.float32)
+        if name is not None:
+            model = PeftModel.from_pretrained(model, dirs[name])
+        with torch.inference_mode():
+            expected = model.eval().generate(
+                input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert got.token_ids == expected, name
+
+
+def test_a_resized_vocabulary_is_refused_by_name(biased_dir, form_dirs, tmp_path):
+    directory = tmp_path / "resized"
+    directory.mkdir()
+    (directory / CONFIG_FILE).write_bytes((form_dirs["saved_head"] / CONFIG_FILE).read_bytes())
+    tensors = load_file(form_dirs["saved_head"] / WEIGHTS_FILE)
+    head = tensors["base_model.model.lm_head.weight"]
+    tensors["base_model.model.lm_head.weight"] = torch.cat([head, torch.randn(3, head.shape[1])])
+    save_file(tensors, directory / WEIGHTS_FILE)
+    engine = make_engine(biased_dir, max_loras=2)
+    with pytest.raises(AdapterValidationError, match=r"modules_to_save lm_head: 262 rows.*resized vocabulary"):
+        engine.load_adapter("resized", directory)
+
+
+def test_full_copies_count_in_host_bytes_and_slot_pool(engine, form_dirs):
+    adapter = engine.adapters["saved_head"]
+    copy = adapter.modules["lm_head"].copy[0]
+    assert adapter.nbytes >= copy.numel() * copy.element_size()
+    engine.generate([PROMPTS[0]], SamplingParams(max_tokens=1, temperature=0), ["saved_head"])
+    assert engine.slots.per_slot_bytes >= copy.numel() * copy.element_size()
+
+
+def test_an_upload_whose_copies_exceed_the_limit_is_refused_before_storing(biased_dir, form_dirs, tmp_path):
+    """The copy is in the weights file: a limit above a LoRA-only upload and below this one refuses it."""
+    size = (form_dirs["saved_head"] / WEIGHTS_FILE).stat().st_size
+    lora_only = (form_dirs["lora_bias"] / WEIGHTS_FILE).stat().st_size
+    assert lora_only < size // 2
+    settings = Settings(model=biased_dir, dtype="float32", device="cpu", adapters_dir=tmp_path / "adapters",
+                        kv_cache_memory=16 * 1024**2, max_upload_size=size // 2)
+    with RunningServer(settings) as server:
+        assert _upload(server.url, "lora-bias", form_dirs["lora_bias"]).status_code == 201
+        response = _upload(server.url, "saved-head", form_dirs["saved_head"])
+        assert response.status_code == 413 and response.json()["error"]["code"] == "upload_too_large"
+        listed = httpx.get(f"{server.url}/v1/models").json()["data"]
+    assert [m["id"] for m in listed if m["id"] == "saved-head"] == []

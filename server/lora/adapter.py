@@ -16,8 +16,9 @@ import torch
 from safetensors import safe_open
 
 from server.errors import AdapterValidationError
+from server.lora.parts import ALIASES, BIAS_PARTS, COPY, KEY, TOKENS, expected_shapes, needed_parts, part_problem
 from server.lora.peft_config import LoraSpec, parse_lora_spec
-from server.lora.targets import TargetModule
+from server.lora.targets import EMBEDDING, HEAD, TargetModule
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -25,21 +26,29 @@ _PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "
 _ALLOWED_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 # A LoRA adapter's header lists a few hundred tensors: kilobytes. Refused before parsing above this.
 MAX_HEADER_BYTES = 1024**2
-# The shortest module name that leaves a known part: `q_proj.base_layer.bias` is q_proj's trained bias.
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+?)\."
-                  r"(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector|base_layer\.bias|bias)$")
-_BIAS_PARTS = ("lora_B.bias", "base_layer.bias", "bias")
 
 
 @dataclass(frozen=True)
 class LoraModuleWeights:
     """One adapted module: A is (r, d_in); B already holds scale (and DoRA's g): (d_out, r).
-    A module whose only change is its bias (PEFT's bias="all") has rank 0."""
+    A module without LoRA factors (only a bias, a full copy or token rows) has rank 0."""
 
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     dora_scale: torch.Tensor | None  # g, (d_out,), only for DoRA
     bias: torch.Tensor | None = None  # (d_out,) added to the adapter's rows: trained bias - base bias + scale·lora_B.bias
+    copy: tuple[torch.Tensor, torch.Tensor | None] | None = None  # modules_to_save: (weight, bias), native layout
+    tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # trainable tokens: (ids (n,), rows (n, d_out))
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        extra = [*(self.copy or ()), *(self.tokens or ())]
+        return [t for t in (self.lora_a, self.lora_b, self.dora_scale, self.bias, *extra) if t is not None]
+
+    @property
+    def per_token(self) -> bool:
+        """Served per slot by the module's wrapper (not the batched op): a copy or token rows."""
+        return self.copy is not None or self.tokens is not None
 
     @property
     def rank(self) -> int:
@@ -60,13 +69,13 @@ class LoraAdapter:
 
     @property
     def trainable_parameters(self) -> int:
-        return sum(w.lora_a.numel() + w.lora_b.numel() + (w.bias.numel() if w.bias is not None else 0)
-                   for w in self.modules.values())
+        return sum(t.numel() for w in self.modules.values() for t in w.tensors
+                   if t is not w.dora_scale and t.is_floating_point())
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for w in self.modules.values() for t in (w.lora_a, w.lora_b, w.dora_scale, w.bias) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Host bytes, full copies included: what the host cache and the slot pool account for."""
+        return sum(t.numel() * t.element_size() for w in self.modules.values() for t in w.tensors)
 
 
 def load_lora_adapter(
@@ -82,8 +91,8 @@ def load_lora_adapter(
     spec = parse_lora_spec(_read_config(directory))
     tensors = _read_tensors(directory)
     grouped, problems = _group_by_module(tensors, spec, targets)
-    expected = {m for m in targets if spec.targets(m)}
-    problems += [f"{m}: adapted by target_modules but has no weights in {WEIGHTS_FILE}" for m in sorted(expected - grouped.keys())]
+    expected = {m for m, t in targets.items() if needed_parts(spec, t, m, set())}
+    problems += [f"{m}: {_selected_by(spec, m)} but has no weights in {WEIGHTS_FILE}" for m in sorted(expected - grouped.keys())]
     if not grouped and not problems:
         problems.append(f"{WEIGHTS_FILE}: holds no LoRA weights")
     modules = {}
@@ -96,7 +105,26 @@ def load_lora_adapter(
             modules[module_name] = folded
     if problems:
         raise AdapterValidationError(problems)
-    return LoraAdapter(name=name, spec=spec, modules=modules)
+    return LoraAdapter(name=name, spec=spec, modules={**modules, **_tied_head_tokens(modules, targets)})
+
+
+def _tied_head_tokens(modules: dict[str, LoraModuleWeights], targets: dict[str, TargetModule]
+                      ) -> dict[str, LoraModuleWeights]:
+    """PEFT's trainable tokens on an embedding the output head is tied to change the head's rows too."""
+    head = next((t for t in targets.values() if t.kind == HEAD), None)
+    for name, weights in modules.items():
+        tied = head is not None and head.module.weight is targets[name].module.weight
+        if weights.tokens is not None and targets[name].kind == EMBEDDING and tied and head.name not in modules:
+            dtype = weights.lora_a.dtype
+            no_factors = (torch.zeros(0, head.in_features, dtype=dtype), torch.zeros(head.out_features, 0, dtype=dtype))
+            return {head.name: LoraModuleWeights(*no_factors, None, tokens=weights.tokens)}
+    return {}
+
+
+def _selected_by(spec: LoraSpec, module: str) -> str:
+    if spec.saves(module):
+        return "listed in modules_to_save"
+    return "adapted by target_modules" if spec.targets(module) else "in trainable_token_indices"
 
 
 def _read_config(directory: Path) -> dict:
@@ -147,12 +175,12 @@ def _group_by_module(
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     problems = []
     for key, tensor in tensors.items():
-        match = _KEY.match(key)
+        match = KEY.match(key)
         if match is None:
             problems.append(f"{key}: not a LoRA tensor name (expected base_model.model.<module>.lora_A.weight, ...)")
             continue
-        module, part = match["module"], match["part"]
-        problem = _part_problem(spec, targets, module, part)
+        module, part = match["module"], ALIASES.get(match["part"], match["part"])
+        problem = part_problem(spec, targets.get(module), module, part)
         if problem is not None:
             problems.append(f"{key}: {problem}")
         else:
@@ -160,61 +188,44 @@ def _group_by_module(
     return grouped, problems
 
 
-def _part_problem(spec: LoraSpec, targets: dict[str, TargetModule], module: str, part: str) -> str | None:
-    """Why a tensor of this module and part does not belong in this adapter (None: it does)."""
-    if module not in targets:
-        if part == "bias":
-            return f"bias of {module!r}: only linear layers' biases are served (bias='all' trained another kind)"
-        return f"the base model has no linear module named {module!r}"
-    if part == "bias":  # a trained bias of a module LoRA does not adapt
-        if spec.bias != "all" or spec.targets(module):
-            return f"a bias of {module!r} needs bias='all' (and the module not adapted)"
-    elif not spec.targets(module):
-        return f"module {module!r} is not selected by target_modules"
-    elif part == "base_layer.bias" and spec.bias == "none":
-        return f"a trained bias of {module!r} needs bias='lora_only' or 'all' in the config"
-    elif part == "lora_B.bias" and not spec.lora_bias:
-        return "lora_B.bias needs lora_bias=true in the config"
-    if part in _BIAS_PARTS and targets[module].module.bias is None:
-        return f"a bias for {module!r}, whose base layer has none"
-    return None
-
-
 def _check_module(
     module: str, parts: dict[str, torch.Tensor], spec: LoraSpec, target: TargetModule, max_rank: int
 ) -> list[str]:
-    magnitude = parts.get("lora_magnitude_vector")
-    needed = ("lora_A.weight", "lora_B.weight") if "bias" not in parts else ()
-    needed += ("lora_B.bias",) if spec.lora_bias and needed else ()
-    problems = [f"{module}: missing {p}" for p in needed if p not in parts]
-    if spec.use_dora and magnitude is None:
-        problems.append(f"{module}: use_dora is set but lora_magnitude_vector is missing")
-    if not spec.use_dora and magnitude is not None:
+    problems = [f"{module}: missing {p}" for p in needed_parts(spec, target, module, set(parts)) if p not in parts]
+    if not spec.use_dora and "lora_magnitude_vector" in parts:
         problems.append(f"{module}: lora_magnitude_vector present but use_dora is not set")
     if problems:
         return problems
     rank = spec.rank_for(module)
-    expected = {
-        "lora_A.weight": (rank, target.in_features),
-        "lora_B.weight": (target.out_features, rank),
-        **{part: (target.out_features,) for part in ("lora_magnitude_vector", *_BIAS_PARTS)},
-    }
+    expected = expected_shapes(spec, target, module)
     for part, tensor in parts.items():
         if tuple(tensor.shape) != expected[part]:
-            problems.append(f"{module}.{part}: shape {tuple(tensor.shape)}, expected {expected[part]} (r={rank})")
+            problems.append(_shape_problem(module, part, tuple(tensor.shape), expected[part], target, rank))
         if tensor.dtype not in _ALLOWED_DTYPES:
             problems.append(f"{module}.{part}: dtype {tensor.dtype} not allowed (float32, float16, bfloat16)")
         elif not torch.isfinite(tensor).all():
             problems.append(f"{module}.{part}: contains NaN or Inf")
-    if rank > max_rank:
+    vocabulary = target.in_features if target.kind == EMBEDDING else None
+    indices = spec.token_indices(module, target.kind == EMBEDDING) or []
+    if vocabulary is not None and any(not 0 <= i < vocabulary for i in indices):
+        problems.append(f"trainable_token_indices: {module} has {vocabulary} rows; indices must be below that")
+    if "lora_A.weight" in parts and rank > max_rank:
         problems.append(f"{module}: rank {rank} exceeds the server's max_lora_rank {max_rank}")
     return problems
+
+
+def _shape_problem(module: str, part: str, got: tuple, expected: tuple, target: TargetModule, rank: int) -> str:
+    rows_are_vocabulary = part == COPY and target.kind in (EMBEDDING, HEAD)
+    if rows_are_vocabulary and len(got) == 2 and got[1:] == expected[1:] and got[0] > expected[0]:
+        return (f"modules_to_save {module}: {got[0]} rows, the base's vocabulary has {expected[0]}: adapters with a "
+                "resized vocabulary are not served")
+    return f"{module}.{part}: shape {got}, expected {expected} (r={rank})"
 
 
 def _overflow_problems(module: str, weights: LoraModuleWeights) -> list[str]:
     """Finite factors can still overflow once scaled (a huge alpha) or cast to the serving dtype."""
     parts = {"lora_B (scaled)": weights.lora_b, "lora_A": weights.lora_a, "DoRA scale": weights.dora_scale,
-             "bias": weights.bias}
+             "bias": weights.bias, "copy": weights.copy[0] if weights.copy else None}
     return [f"{module}: {part} is not finite in the serving dtype (alpha or weights too large)"
             for part, tensor in parts.items() if tensor is not None and not torch.isfinite(tensor).all()]
 
@@ -225,21 +236,27 @@ def _fold(
     a = parts.get("lora_A.weight", torch.zeros(0, target.in_features)).float()
     b = parts.get("lora_B.weight", torch.zeros(target.out_features, 0)).float() * spec.scale_for(module)
     dora_scale = None
-    if spec.use_dora:
+    if "lora_magnitude_vector" in parts:
         # DoRA's column norm is constant at inference: compute it once here (PEFT detaches it too).
         weight = target.weight_out_in().detach()
         norm = torch.linalg.norm(weight.float() + (b @ a).to(weight.device), dim=1).cpu()
         dora_scale = parts["lora_magnitude_vector"].float() / norm
         b = b * dora_scale[:, None]
         dora_scale = dora_scale.to(dtype)
+    copy = (parts[COPY].to(dtype), parts["bias"].to(dtype) if "bias" in parts else None) if spec.saves(module) else None
+    tokens = None
+    if TOKENS in parts:
+        ids = torch.tensor(spec.token_indices(module, target.kind == EMBEDDING), dtype=torch.long)
+        tokens = (ids, parts[TOKENS].to(dtype))
     return LoraModuleWeights(lora_a=a.to(dtype).contiguous(), lora_b=b.to(dtype).contiguous(), dora_scale=dora_scale,
-                             bias=_bias_delta(parts, spec.scale_for(module), target, dtype))
+                             bias=None if copy else _bias_delta(parts, spec.scale_for(module), target, dtype),
+                             copy=copy, tokens=tokens)
 
 
 def _bias_delta(parts: dict[str, torch.Tensor], scale: float, target: TargetModule, dtype: torch.dtype
                 ) -> torch.Tensor | None:
     """What the adapter adds to the base's bias: its trained bias minus the base's, plus scale·lora_B.bias."""
-    if not any(part in parts for part in _BIAS_PARTS):
+    if not any(part in parts for part in BIAS_PARTS):
         return None
     delta = torch.zeros(target.out_features)
     trained = parts.get("base_layer.bias", parts.get("bias"))

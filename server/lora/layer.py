@@ -1,4 +1,5 @@
-"""The LoRA-aware replacement for a base linear layer, and the per-step context all of them share."""
+"""The LoRA-aware replacements for base layers (linear layers, the output head, the input embedding), and
+the per-step context all of them share."""
 
 from dataclasses import dataclass, field
 
@@ -7,8 +8,9 @@ from torch import nn
 
 from server.lora.cpu_kernel import LoraTokensOp
 from server.lora.ops import LoraPlan, add_lora
+from server.lora.adapter import LoraModuleWeights
 from server.lora.slots import LoraSlotPool
-from server.lora.targets import TargetModule
+from server.lora.targets import EMBEDDING, HEAD, TargetModule
 
 
 @dataclass
@@ -17,18 +19,20 @@ class LoraBatch:
 
     plan:      which tokens use which slot (None: no adapter anywhere in the batch).
     slot_rows: per-token row into each module's DoRA factors and bias deltas (the slot; `num_slots` for
-               none), set only when an adapter of the batch has either.
+               none), set only when an adapter of the batch has either or weights served slot by slot.
+    head_rows: the same for the rows the output head sees (the positions whose logits are kept).
     merged:    module name -> merged weight (native layout) the whole batch runs on instead of the base.
     fused_op:  the fused CPU op for plans that carry few tokens (set once by the engine; None: torch path).
     """
 
     plan: LoraPlan | None = None
     slot_rows: torch.Tensor | None = None
+    head_rows: torch.Tensor | None = None
     merged: dict[str, torch.Tensor] = field(default_factory=dict)
     fused_op: LoraTokensOp | None = None
 
     def clear(self) -> None:
-        self.plan, self.slot_rows, self.merged = None, None, {}
+        self.plan, self.slot_rows, self.head_rows, self.merged = None, None, None, {}
 
 
 class LoraLinear(nn.Module):
@@ -36,7 +40,9 @@ class LoraLinear(nn.Module):
     c, the adapter's bias delta, is 0 unless it trained biases).
 
     A quantized base layer (bitsandbytes) computes `x·Wᵀ + bias` with its own forward, in the compute
-    dtype; the low-rank terms are added to its output as on a full-precision base (it is never merged)."""
+    dtype; the low-rank terms are added to its output as on a full-precision base (it is never merged).
+    The output head sees only the kept positions (`head_rows`) and takes its adapters slot by slot, as
+    does any module an adapter replaces whole (modules_to_save: its rows go through the adapter's copy)."""
 
     def __init__(self, target: TargetModule, pool: LoraSlotPool, batch: LoraBatch):
         super().__init__()
@@ -45,8 +51,13 @@ class LoraLinear(nn.Module):
         self.fan_in_fan_out = target.fan_in_fan_out
         self.out_features = target.out_features
         self.quantized = target.quantized
+        self.is_head = target.kind == HEAD
         self._pool = pool
         self._batch = batch
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads the head's (tied) weight still finds it
+        return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = self._batch
@@ -54,8 +65,8 @@ class LoraLinear(nn.Module):
         merged = batch.merged.get(self.module_name)
         bias = self.base_layer.bias
         flat = x.reshape(-1, x.shape[-1])
-        rows = batch.slot_rows if slots is not None else None
-        dora = rows is not None and self._pool.any_dora
+        rows = (batch.head_rows if self.is_head else batch.slot_rows) if slots is not None else None
+        dora = rows is not None and slots.stacked and self._pool.any_dora
         if self.quantized and merged is None:
             out = self.base_layer(flat)
             if dora and bias is not None:  # the factor g scales x·Wᵀ only
@@ -68,10 +79,25 @@ class LoraLinear(nn.Module):
                 out = out + bias
         if rows is not None and slots.bias is not None:
             out = out + slots.bias.index_select(0, rows)
-        if slots is not None and batch.plan is not None:
+        if slots is not None and slots.stacked and batch.plan is not None:
             add_lora(out, flat, slots.lora_a, slots.lora_b, slots.slot_ranks, batch.plan, batch.fused_op,
                      slots.rank_tensor)
+        if rows is not None and slots.per_slot:
+            for slot, index in slot_indices(rows, slots.per_slot):
+                out.index_copy_(0, index, self._per_slot(flat.index_select(0, index), out.index_select(0, index),
+                                                         slots.per_slot[slot]))
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _per_slot(self, x: torch.Tensor, out: torch.Tensor, weights: LoraModuleWeights) -> torch.Tensor:
+        """One adapter's rows: through its full copy, or plus its low-rank delta; then its token columns."""
+        if weights.copy is not None:
+            out = self._matmul(x, *weights.copy)
+        elif weights.rank:
+            out = out + (x @ weights.lora_a.T) @ weights.lora_b.T
+        if weights.tokens is not None:  # trainable tokens on a head: those vocabulary columns are new
+            ids, values = weights.tokens
+            out[:, ids] = x @ values.T
+        return out
 
     def _matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.fan_in_fan_out:  # GPT-2's Conv1D keeps its weight as (in, out)
@@ -79,10 +105,65 @@ class LoraLinear(nn.Module):
         return nn.functional.linear(x, weight, bias)
 
 
+class LoraEmbedding(nn.Module):
+    """The input embedding, each token's row from its adapter: `E[id] + A_s[:, id]ᵀ·B_sᵀ` (PEFT's embedding
+    LoRA, B scaled), the row of its full copy (modules_to_save), or its trained row (trainable tokens)."""
+
+    def __init__(self, target: TargetModule, pool: LoraSlotPool, batch: LoraBatch):
+        super().__init__()
+        self.base_layer = target.module
+        self.module_name = target.name
+        self._pool = pool
+        self._batch = batch
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base_layer.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base_layer.embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(ids)
+        slots = self._pool.modules.get(self.module_name)
+        rows = self._batch.slot_rows
+        if slots is None or rows is None or not slots.per_slot:
+            return out
+        flat, flat_ids = out.view(-1, out.shape[-1]), ids.reshape(-1)
+        for slot, index in slot_indices(rows, slots.per_slot):
+            flat.index_copy_(0, index, _embed(flat_ids.index_select(0, index), flat.index_select(0, index),
+                                              slots.per_slot[slot]))
+        return out
+
+
+def _embed(ids: torch.Tensor, rows: torch.Tensor, weights: LoraModuleWeights) -> torch.Tensor:
+    if weights.copy is not None:
+        rows = nn.functional.embedding(ids, weights.copy[0])
+    elif weights.rank:
+        rows = rows + weights.lora_a.T.index_select(0, ids) @ weights.lora_b.T
+    if weights.tokens is not None:
+        trained, values = weights.tokens
+        match = ids[:, None] == trained[None, :]
+        hit = match.any(dim=1)
+        rows = torch.where(hit[:, None], values.index_select(0, match.int().argmax(dim=1)), rows)
+    return rows
+
+
+def slot_indices(rows: torch.Tensor, held: dict[int, object]) -> list[tuple[int, torch.Tensor]]:
+    """(slot, positions of its rows) for each slot of the step that holds weights served slot by slot."""
+    return [(slot, (rows == slot).nonzero().squeeze(1)) for slot in rows.unique().tolist() if slot in held]
+
+
 def wrap_target_modules(model: nn.Module, targets: dict[str, TargetModule], pool: LoraSlotPool,
                         batch: LoraBatch) -> None:
-    """Replace every target module of `model` by a LoraLinear around it (in place)."""
+    """Replace every target module of `model` by its LoRA-aware wrapper (in place)."""
     for name, target in targets.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoraLinear(target, pool, batch))
+        wrapper = LoraEmbedding if target.kind == EMBEDDING else LoraLinear
+        setattr(parent, child, wrapper(target, pool, batch))

@@ -10,7 +10,7 @@ for int8), which moved next-token logprobs by 6.5e-3 (nf4) and 7.8e-3 (int8), be
 import torch
 
 from server.lora.adapter import LoraAdapter
-from server.lora.targets import TargetModule
+from server.lora.targets import LINEAR, TargetModule
 
 
 def merge_adapter(adapter: LoraAdapter, targets: dict[str, TargetModule]) -> dict[str, torch.Tensor]:
@@ -18,6 +18,9 @@ def merge_adapter(adapter: LoraAdapter, targets: dict[str, TargetModule]) -> dic
     quantized = sorted(name for name in adapter.modules if targets[name].quantized)
     if quantized:
         raise ValueError(f"no merged copy on a quantized base ({quantized[0]} is quantized): served unmerged")
+    per_slot = sorted(n for n, w in adapter.modules.items() if targets[n].kind != LINEAR or w.per_token)
+    if per_slot:  # its other tokens' rows would lose them: the merged adapter's tokens carry no slot
+        raise ValueError(f"no merged copy of {adapter.name}: {per_slot[0]} is served slot by slot")
     if any(w.bias is not None for w in adapter.modules.values()):
         # A step on a merged copy gives the merged adapter's tokens no slot row, so no bias delta.
         raise ValueError(f"no merged copy of {adapter.name}: it changes biases, which a copy of weights omits")

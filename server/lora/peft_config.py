@@ -14,10 +14,8 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 # Fields that change what an adapter computes in ways the batched low-rank path does not model.
 # Each must be absent or hold its PEFT default (any value in the tuple) for the adapter to be served.
 _UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
-    "modules_to_save": (None, []),
     "layer_replication": (None, []),
     "target_parameters": (None, []),
-    "trainable_token_indices": (None, [], {}),
     "use_qalora": (False,),
     "alora_invocation_tokens": (None, []),
     "use_bdlora": (None, False),
@@ -46,10 +44,25 @@ class LoraSpec(BaseModel):
     # bias on lora_B (scaled with it). Each is served as a per-token bias delta of the adapter's rows.
     bias: Literal["none", "lora_only", "all"] = "none"
     lora_bias: bool = False
+    # Full per-adapter copies of these modules (a trained head, embeddings): never LoRA targets.
+    modules_to_save: list[str] | None = None
+    # Rows of an embedding the adapter replaces: a list for the input embedding, or {module: indices}.
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+
+    def saves(self, module_name: str) -> bool:
+        """Whether the adapter holds a full copy of this module (PEFT's modules_to_save match)."""
+        return any(module_name == m or module_name.endswith("." + m) for m in self.modules_to_save or [])
+
+    def token_indices(self, module_name: str, input_embedding: bool) -> list[int] | None:
+        """The token rows the adapter replaces in this module, if any."""
+        indices = self.trainable_token_indices
+        if isinstance(indices, dict):
+            return next((v for k, v in indices.items() if module_name == k or module_name.endswith("." + k)), None)
+        return indices or None if input_embedding else None
 
     def targets(self, module_name: str) -> bool:
         """Whether PEFT would adapt the module of this dotted name (same rules as PEFT's matcher)."""
-        if self.exclude_modules and _matches(self.exclude_modules, module_name):
+        if self.exclude_modules and _matches(self.exclude_modules, module_name) or self.saves(module_name):
             return False
         if self.target_modules is None or not _matches(self.target_modules, module_name):
             return False

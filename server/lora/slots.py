@@ -14,52 +14,71 @@ step (`slot_of`), never kept across steps, which is what makes moving residents 
 
 import time
 from collections import Counter, OrderedDict
+from dataclasses import replace
 
 import torch
 
 from server.lora.adapter import LoraAdapter, LoraModuleWeights
-from server.lora.targets import TargetModule
+from server.lora.targets import LINEAR, TargetModule
 
 FREE = 0  # the rank recorded for an empty slot
 
 
 class ModuleSlots:
-    """The stacked adapter weights of one base module."""
+    """The adapter weights of one base module: stacked buffers for linear layers, served by the batched
+    op; per-slot weights, served slot by slot by the module's wrapper, for the output head and the input
+    embedding (their vocabulary-sized factors stacked for every slot at the maximum rank would cost
+    gigabytes) and for full copies and token rows on any module."""
 
     def __init__(self, target: TargetModule, num_slots: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device):
-        self.lora_a = torch.zeros(num_slots, max_rank, target.in_features, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(num_slots, max_rank, target.out_features, dtype=dtype, device=device)
+        self.stacked = target.kind == LINEAR
+        shape = (num_slots, max_rank) if self.stacked else (0, 0)
+        self.lora_a = torch.zeros(*shape, target.in_features, dtype=dtype, device=device)
+        self.lora_b = torch.zeros(*shape, target.out_features, dtype=dtype, device=device)
         # Row `num_slots` is all ones: the DoRA factor of tokens without an adapter (or plain LoRA).
         self.dora_scale = torch.ones(num_slots + 1, target.out_features, dtype=dtype, device=device)
         # Per-slot bias deltas (PEFT's bias="lora_only"/"all", lora_bias); row `num_slots` stays zero.
         # Allocated when the first adapter with one arrives: most adapters change no bias.
         self.bias: torch.Tensor | None = None
         self._bias_shape = (num_slots + 1, target.out_features, dtype, device)
+        self.per_slot: dict[int, LoraModuleWeights] = {}  # slot -> weights served slot by slot (on the device)
+        self._device = device
         self.slot_ranks = [0] * num_slots
         self.rank_tensor = torch.zeros(num_slots, dtype=torch.long)  # the same, for the fused CPU op
+
+    @property
+    def per_slot_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for w in self.per_slot.values() for t in w.tensors)
 
     def write(self, slot: int, weights: LoraModuleWeights | None) -> None:
         """Put one adapter's weights for this module in `slot` (None: the adapter leaves it alone)."""
         self._clear(slot)
-        if weights is not None:
+        if weights is None:
+            return
+        if weights.dora_scale is not None:
+            self.dora_scale[slot].copy_(weights.dora_scale)
+        if weights.bias is not None:
+            self._bias_buffer()[slot].copy_(weights.bias)
+        if not self.stacked or weights.per_token:
+            self.per_slot[slot] = _to_device(weights, self._device)
+        if self.stacked:
             rank = weights.rank
             self.lora_a[slot, :rank].copy_(weights.lora_a)
             self.lora_b[slot, :rank].copy_(weights.lora_b.T)
-            if weights.dora_scale is not None:
-                self.dora_scale[slot].copy_(weights.dora_scale)
-            if weights.bias is not None:
-                self._bias_buffer()[slot].copy_(weights.bias)
             self._set_rank(slot, rank)
 
     def move(self, source: int, target: int) -> None:
         """Move the contents of `source` to the empty slot `target`, leaving `source` empty."""
-        rank = self.slot_ranks[source]
-        self.lora_a[target, :rank].copy_(self.lora_a[source, :rank])
-        self.lora_b[target, :rank].copy_(self.lora_b[source, :rank])
+        rank = self.slot_ranks[source]  # 0 for weights held slot by slot
+        if rank:
+            self.lora_a[target, :rank].copy_(self.lora_a[source, :rank])
+            self.lora_b[target, :rank].copy_(self.lora_b[source, :rank])
         self.dora_scale[target].copy_(self.dora_scale[source])
         if self.bias is not None:
             self.bias[target].copy_(self.bias[source])
+        if source in self.per_slot:
+            self.per_slot[target] = self.per_slot.pop(source)
         self._set_rank(target, rank)
         self._clear(source)
 
@@ -69,9 +88,10 @@ class ModuleSlots:
             self.lora_a[slot, :rank].zero_()
             self.lora_b[slot, :rank].zero_()
             self._set_rank(slot, 0)
-        self.dora_scale[slot].fill_(1.0)  # a bias-only module has rank 0: clear these whatever the rank
+        self.dora_scale[slot].fill_(1.0)  # a module without factors has rank 0: clear these whatever the rank
         if self.bias is not None:
             self.bias[slot].zero_()
+        self.per_slot.pop(slot, None)
 
     def _bias_buffer(self) -> torch.Tensor:
         if self.bias is None:
@@ -82,6 +102,15 @@ class ModuleSlots:
     def _set_rank(self, slot: int, rank: int) -> None:
         self.slot_ranks[slot] = rank
         self.rank_tensor[slot] = rank
+
+
+def _to_device(weights: LoraModuleWeights, device: torch.device) -> LoraModuleWeights:
+    def move(t):
+        return None if t is None else t.to(device)
+
+    return replace(weights, lora_a=move(weights.lora_a), lora_b=move(weights.lora_b), dora_scale=None, bias=None,
+                   copy=tuple(map(move, weights.copy)) if weights.copy else None,
+                   tokens=tuple(map(move, weights.tokens)) if weights.tokens else None)
 
 
 class LoraSlotPool:
@@ -98,7 +127,7 @@ class LoraSlotPool:
         self._resident: OrderedDict[str, int] = OrderedDict()  # adapter name -> slot, least recent first
         self.adapter_ranks = [FREE] * num_slots  # per slot, its adapter's largest rank: non-decreasing
         self._dora: set[str] = set()
-        self._biased: set[str] = set()
+        self._per_row: set[str] = set()  # adapters with a bias or weights served slot by slot
         self._users: Counter[str] = Counter()
         self.loads = 0
         self.evictions = 0
@@ -117,8 +146,14 @@ class LoraSlotPool:
         return bool(self._dora)
 
     def needs_rows(self, name: str) -> bool:
-        """Whether the adapter's tokens need their slot row in every module (a DoRA factor or a bias)."""
-        return name in self._dora or name in self._biased
+        """Whether the adapter's tokens need their slot row in every module (a DoRA factor, a bias, or
+        weights served slot by slot)."""
+        return name in self._dora or name in self._per_row
+
+    @property
+    def per_slot_bytes(self) -> int:
+        """Bytes of weights held slot by slot (full copies, head and embedding factors, token rows)."""
+        return sum(module.per_slot_bytes for module in self.modules.values())
 
     @property
     def resident(self) -> list[str]:
@@ -171,8 +206,8 @@ class LoraSlotPool:
         self.adapter_ranks[slot] = adapter.max_rank
         if any(w.dora_scale is not None for w in adapter.modules.values()):
             self._dora.add(adapter.name)
-        if any(w.bias is not None for w in adapter.modules.values()):
-            self._biased.add(adapter.name)
+        if any(w.bias is not None or not self.modules[m].stacked or w.per_token for m, w in adapter.modules.items()):
+            self._per_row.add(adapter.name)
         self.loads += 1
         self.load_seconds += time.perf_counter() - started
 
@@ -182,7 +217,7 @@ class LoraSlotPool:
             module.write(slot, None)
         self.adapter_ranks[slot] = FREE
         self._dora.discard(name)
-        self._biased.discard(name)
+        self._per_row.discard(name)
 
     # ---- keeping residents sorted by rank -------------------------------------------------------
 
