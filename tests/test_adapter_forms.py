@@ -223,3 +223,11 @@ def test_an_upload_whose_copies_exceed_the_limit_is_refused_before_storing(biase
         assert response.status_code == 413 and response.json()["error"]["code"] == "upload_too_large"
         listed = httpx.get(f"{server.url}/v1/models").json()["data"]
     assert [m["id"] for m in listed if m["id"] == "saved-head"] == []
+
+
+def test_dora_on_the_head_is_refused_by_name(biased_dir, tmp_path):
+    directory = make_form_adapter(biased_dir, tmp_path / "dora_head", seed=61, r=4, lora_alpha=8, use_dora=True,
+                                  target_modules=["q_proj", "lm_head"])
+    engine = make_engine(biased_dir, max_loras=2)
+    with pytest.raises(AdapterValidationError, match=r"use_dora on 'lm_head'"):
+        engine.load_adapter("dora-head", directory)

@@ -11,7 +11,7 @@
 import re
 
 from server.lora.peft_config import LoraSpec
-from server.lora.targets import EMBEDDING, TargetModule
+from server.lora.targets import EMBEDDING, LINEAR, TargetModule
 
 # The shortest module name that leaves a known part: `q_proj.base_layer.bias` is q_proj's trained bias.
 KEY = re.compile(r"^base_model\.model\.(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|"
@@ -58,8 +58,8 @@ def _lora_part_problem(spec: LoraSpec, target: TargetModule, module: str, part: 
         return "lora_B.bias needs lora_bias=true in the config"
     if part in BIAS_PARTS and getattr(target.module, "bias", None) is None:
         return f"a bias for {module!r}, whose base layer has none"
-    if target.kind == EMBEDDING and part in ("lora_magnitude_vector", "lora_B.bias"):
-        return f"{part} on the embedding {module!r} is not supported"
+    if target.kind != LINEAR and part == "lora_magnitude_vector":
+        return f"use_dora on {module!r} (an embedding or the output head) is not supported"
     return None
 
 
