@@ -7,7 +7,7 @@ perturbed, so each form changes the output (checked first), then compared with P
 import httpx
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -15,6 +15,7 @@ from server.config import Settings
 from server.engine.sequence import SamplingParams
 from server.errors import AdapterValidationError
 from server.lora.adapter import CONFIG_FILE, WEIGHTS_FILE
+from tests.conftest import reference_greedy
 from tests.factories import build_model, llama_config, make_engine, save_model
 from tests.server_harness import RunningServer
 
@@ -82,14 +83,7 @@ def references(biased_dir, form_dirs):
     def reference(prompt, name):
         key = (tuple(prompt), name)
         if key not in cache:
-            model = AutoModelForCausalLM.from_pretrained(biased_dir, dtype=torch.float32)
-            if name is not None:
-                model = PeftModel.from_pretrained(model, form_dirs[name])
-            with torch.inference_mode():
-                out = model.eval().generate(
-                    input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                    max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
-            cache[key] = out[0, len(prompt):].tolist()
+            cache[key] = reference_greedy(biased_dir, prompt, MAX_NEW, form_dirs[name] if name else None)
         return cache[key]
 
     return reference
@@ -179,14 +173,7 @@ def test_gpt2_tied_embedding_forms_match_peft(gpt2_dir, tmp_path):
     batched = engine.generate(prompts, GREEDY, names)
     assert len({tuple(c.token_ids) for c in batched[:3]}) == 3
     for prompt, name, got in zip(prompts, names, batched):
-        model = AutoModelForCausalLM.from_pretrained(gpt2_dir, dtype=torch.float32)
-        if name is not None:
-            model = PeftModel.from_pretrained(model, dirs[name])
-        with torch.inference_mode():
-            expected = model.eval().generate(
-                input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-        assert got.token_ids == expected, name
+        assert got.token_ids == reference_greedy(gpt2_dir, prompt, MAX_NEW, dirs[name] if name else None), name
 
 
 def test_a_resized_vocabulary_is_refused_by_name(biased_dir, form_dirs, tmp_path):
