@@ -332,13 +332,17 @@ def test_a_tenant_sees_only_its_own(console, world, screenshots):
     assert page.text_content("#who-name") == "tenant acme"
     page.wait_for_selector('tr[data-adapter="acme-loud"]')
     assert page.locator("#adapters tbody tr").count() == 1
-    for name in ("experiments", "playground", "server"):
+    assert page.is_hidden('nav a[href="/ui/keys"]')
+    for name in ("experiments", "playground", "server", "keys"):
         tab.open(name).wait_for_selector("#main", state="visible")
         page.wait_for_load_state("networkidle")
         if name == "server":
             page.wait_for_function("document.getElementById('s-slots').textContent.includes('/')")
             assert page.is_hidden("#admin")
+        if name == "keys":
+            assert page.is_visible("#not-admin") and page.is_hidden("#admin-only")
         assert "globex" not in page.content()
+    assert not [u for u in tab.requests if "/v1/admin/" in u]  # not even a refused call
 
     other = console().sign_in(world["keys"]["globex"], "experiments")
     other.wait_for_selector('tr[data-experiment="globex-trial"]')
@@ -359,7 +363,9 @@ def test_a_tenant_sees_only_its_own(console, world, screenshots):
     driver.start()
     try:
         admin = console().sign_in(ADMIN_KEY, "server")
-        admin.wait_for_selector("#keys tbody tr")
+        admin.wait_for_selector("#admin", state="visible")
+        assert int(admin.text_content("#tenant-count")) >= 2 and int(admin.text_content("#key-count")) >= 2
+        assert admin.is_visible('nav a[href="/ui/keys"]')
         admin.wait_for_selector('#engine-adapters tr[data-adapter="globex-backwards@1"]')
         admin.wait_for_selector("#tps-chart canvas")
         assert float(admin.text_content("#s-tps")) > 0
@@ -369,12 +375,63 @@ def test_a_tenant_sees_only_its_own(console, world, screenshots):
         driver.join()
 
 
+def test_the_adapters_page_names_owners_as_far_as_the_key_may_know(console, world, screenshots):
+    """The admin sees every owner; acme sees "you" on its own and, on globex's adapter made public, that it is
+    shared, never whose it is."""
+    world["admin"]("PUT", "/v1/admin/adapters/globex-backwards/public", json={"public": True})
+    try:
+        page = console().sign_in(ADMIN_KEY)
+        owner = 'tr[data-adapter="{}"] td.owner'
+        page.wait_for_selector(owner.format("globex-backwards") + " .pill")
+        cells = {n: page.text_content(owner.format(n)).split() for n in ("acme-loud", "globex-backwards", "upper")}
+        assert cells == {"acme-loud": ["acme"], "globex-backwards": ["globex", "public"], "upper": ["admins"]}
+
+        tenant = console().sign_in(world["keys"]["acme"])
+        tenant.wait_for_selector('tr[data-adapter="globex-backwards"]')
+        assert tenant.locator("#adapters tbody tr").count() == 2
+        assert tenant.text_content(owner.format("acme-loud")).split() == ["you"]
+        assert tenant.text_content(owner.format("globex-backwards")).split() == ["shared", "with", "you", "public"]
+    finally:
+        world["admin"]("PUT", "/v1/admin/adapters/globex-backwards/public", json={"public": False})
+
+
+def test_an_admin_creates_and_revokes_keys_on_the_keys_page(console, world, screenshots):
+    url = world["server"].url
+    page = console().sign_in(ADMIN_KEY, "keys")
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.wait_for_selector('#tenants tr[data-tenant="acme"]')
+    page.fill("#tenant-name", "initech")
+    page.click("#tenant-form button")
+    page.wait_for_selector('#tenants tr[data-tenant="initech"]')
+    assert page.input_value("#key-tenant") == "initech"  # the new tenant is chosen for its first key
+    page.fill("#key-label", "ci runner")
+    page.click("#key-create")
+    page.wait_for_selector("#new-key:not([hidden])")
+    key_id, secret = page.text_content("#new-key-id"), page.text_content("#new-key-secret")
+    row = f'#keys tr[data-key="{key_id}"]'
+    page.wait_for_selector(row)
+    assert page.text_content(row).count("initech") == 1 and "ci runner" in page.text_content(row)
+    assert page.text_content('#tenants tr[data-tenant="initech"] td:last-child') == "1"
+
+    def status(key: str) -> int:
+        return httpx.get(url + "/v1/adapters", headers={"Authorization": f"Bearer {key}"}).status_code
+
+    assert status(secret) == 200 and secret not in world["admin"]("GET", "/v1/admin/keys").text
+    page.screenshot(path=screenshots / "console-keys.png")
+
+    page.click(f"{row} button:has-text('revoke')")  # confirmed by the dialog handler
+    page.wait_for_selector(f"{row}.revoked")
+    assert page.locator(f"{row} button").count() == 0
+    assert status(secret) == 401
+    assert next(k for k in world["admin"]("GET", "/v1/admin/keys").json()["data"] if k["id"] == key_id)["revoked"]
+
+
 # ---- without a browser: the pages carry no data, the files are a fixed set, the state endpoint filters ----
 
 def test_pages_need_no_key_and_carry_no_data(world):
     url = world["server"].url
     assert httpx.get(url + "/", follow_redirects=False).headers["location"] == "/ui"
-    for page in ("adapters", "playground", "experiments", "server"):
+    for page in ("adapters", "playground", "experiments", "server", "keys"):
         response = httpx.get(f"{url}/ui/{page}")
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
         assert "acme" not in response.text and "globex" not in response.text and 'data-auth="on"' in response.text
@@ -406,3 +463,21 @@ def test_server_state_names_only_what_the_key_may_see(world):
     assert not any("globex" in json.dumps(acme[k]) for k in ("device_adapters", "merged", "traffic_shares", "retiring"))
     assert acme["slots"] == admin["slots"] and acme["slots"]["used"] >= 1  # the engine's counts, not names
     assert admin["counters"]["tokens_generated"] > 0 and 0 <= admin["kv_cache"]["usage"] <= 1
+
+
+def test_the_adapter_list_names_owners_as_far_as_the_key_may_know(world):
+    admin, keys = world["admin"], world["keys"]
+    acme = Api(world["server"].url, keys["acme"])
+
+    def owners(api: Api) -> dict[str, tuple]:
+        return {a["name"]: (a["owner"], a["public"]) for a in api("GET", "/v1/adapters").json()["data"]}
+
+    assert owners(admin)["globex-backwards"] == ("globex", False) and owners(admin)["upper"] == (None, False)
+    assert owners(acme) == {"acme-loud": ("acme", False)}
+    admin("PUT", "/v1/admin/adapters/globex-backwards/public", json={"public": True})
+    try:
+        assert owners(acme) == {"acme-loud": ("acme", False), "globex-backwards": (None, True)}
+        assert acme("GET", "/v1/adapters/globex-backwards").json()["owner"] is None  # never told whose
+        assert admin("GET", "/v1/adapters/globex-backwards").json()["owner"] == "globex"
+    finally:
+        admin("PUT", "/v1/admin/adapters/globex-backwards/public", json={"public": False})

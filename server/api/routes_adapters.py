@@ -76,8 +76,17 @@ def _alias_json(alias: AliasRecord) -> dict:
     return {"alias": alias.alias, "target": alias.target, "updated": int(alias.updated_at.timestamp())}
 
 
-def _summary_json(state: AppState, summary: AdapterSummary) -> dict:
-    return {**_version_json(state, summary.latest), "versions": list(summary.versions)}
+def _summary_json(state: AppState, summary: AdapterSummary, ownership: dict) -> dict:
+    return {**_version_json(state, summary.latest), "versions": list(summary.versions), **ownership}
+
+
+def _ownership(state: AppState, who: Principal, name: str) -> dict:
+    """`owner`: the owning tenant as far as the caller may know it (null: the admins', or, to a tenant, a
+    public adapter of someone else: a tenant is never told whose a name is); `public`: shared with every
+    tenant. Blocking (the namespace may read the database)."""
+    entry = state.access.names.get(name)
+    known = entry is not None and (who.is_admin or entry.tenant == who.tenant)
+    return {"owner": entry.tenant if known else None, "public": bool(entry is not None and entry.public)}
 
 
 async def _resolve_adapter(request: Request, state: AppState, ref: str):
@@ -136,9 +145,11 @@ async def list_adapters(request: Request, limit: int = Query(50, ge=1, le=500),
     state = app_state(request)
     visible = await asyncio.to_thread(state.access.visible_names, caller(request))
     page = await asyncio.to_thread(state.registry.list, limit=limit, offset=offset, only=visible)
+    who = caller(request)
+    owners = await asyncio.to_thread(lambda: [_ownership(state, who, s.latest.name) for s in page.items])
     return {
         "object": "list",
-        "data": [_summary_json(state, summary) for summary in page.items],
+        "data": [_summary_json(state, summary, owner) for summary, owner in zip(page.items, owners)],
         "total": page.total,
         "limit": limit,
         "offset": offset,
@@ -151,8 +162,9 @@ async def get_adapter(request: Request, name: str) -> dict:
     state = app_state(request)
     state.access.see_model(caller(request), name)
     versions = await asyncio.to_thread(state.registry.get, name)
+    ownership = await asyncio.to_thread(_ownership, state, caller(request), name)
     newest = versions[-1]
-    return {**_version_json(state, newest), "versions": [_version_json(state, v) for v in versions]}
+    return {**_version_json(state, newest), "versions": [_version_json(state, v) for v in versions], **ownership}
 
 
 @router.delete("/v1/adapters/{ref}")

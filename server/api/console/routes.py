@@ -13,7 +13,9 @@ from server.api.errors import ApiError
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
-PAGES = {"adapters": "Adapters", "playground": "Playground", "experiments": "Experiments", "server": "Server"}
+PAGES = {"adapters": "Adapters", "playground": "Playground", "experiments": "Experiments", "server": "Server",
+         "keys": "Keys"}
+ADMIN_PAGES = {"keys"}  # linked in the navigation for admins only (the page itself tells a tenant who manages keys)
 # Every file the console serves, fixed at import: a request names one of these or gets a 404, so no
 # path from a URL ever reaches the file system.
 FILES = {p.relative_to(STATIC).as_posix(): p for p in STATIC.rglob("*") if p.is_file()}
@@ -60,6 +62,7 @@ async def console_page(request: Request, page: str) -> HTMLResponse:
     context = {
         "page": page,
         "pages": PAGES,
+        "admin_pages": ADMIN_PAGES,
         "version": __version__,
         "auth": "starting" if state is None else ("on" if state.auth.enabled else "off"),
         "base_name": state.models.base_name if state is not None else "",

@@ -1,10 +1,11 @@
-// Adapters: the list (versions, aliases, rank, targets, size, tier, traffic share), upload by drop or
+// Adapters: the list (versions, aliases, owner, rank, targets, size, tier, traffic share), upload by drop or
 // file inputs with the server's refusals shown in place, alias, warm, pin a merged copy, delete.
 "use strict";
 
 (() => {
   const {api, h, $, fill, show, bytes, every, onReady} = Console;
   const chosen = {config: null, weights: null};
+  let caller = null; // who the key is (from sign-in): owners read "you" to a tenant
 
   function pick(files) {
     for (const file of files) {
@@ -25,6 +26,14 @@
     const tags = [h("span", {class: `pill tier-${adapter.resident}`}, adapter.resident)];
     if (adapter.merge && adapter.merge.pinned) tags.push(h("span", {class: "pill"}, "pinned"));
     return tags;
+  }
+
+  // The API names the owning tenant only where the key may know it (null: the admins', or someone else's
+  // public adapter, whose owner a tenant is never told).
+  function owner(adapter) {
+    const shared = adapter.public ? h("span", {class: "pill", title: "visible to every tenant"}, "public") : null;
+    if (caller.role === "admin") return [adapter.owner === null ? h("span", {class: "muted"}, "admins") : adapter.owner, " ", shared];
+    return adapter.owner === caller.tenant ? ["you", " ", shared] : [h("span", {class: "muted"}, "shared with you"), " ", shared];
   }
 
   async function act(button, method, path, confirmText) {
@@ -57,6 +66,7 @@
         adapter.description ? h("div", {class: "muted small"}, adapter.description) : null),
       h("td", {}, adapter.versions.join(", ")),
       h("td", {}, (aliases[name] || []).join(", ") || "–"),
+      h("td", {class: "owner"}, owner(adapter)),
       h("td", {}, `${adapter.rank} / ${adapter.alpha}`, adapter.use_dora ? " DoRA" : "", adapter.use_rslora ? " rs" : ""),
       h("td", {class: "targets", title: adapter.target_modules.join(", ")}, adapter.target_modules.join(", ")),
       h("td", {}, bytes(adapter.bytes)),
@@ -128,7 +138,8 @@
     }
   }
 
-  onReady(() => {
+  onReady((who) => {
+    caller = who;
     const drop = $("drop");
     drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
     drop.addEventListener("dragleave", () => drop.classList.remove("over"));

@@ -1,5 +1,6 @@
 // Server: the engine at a glance from GET /v1/server/state (its latest snapshot), every 2 s, with
-// tokens/s computed between two snapshots and charted; admins also see tenants and keys.
+// tokens/s computed between two snapshots and charted; admins also see how many tenants and keys (the Keys
+// page manages them).
 "use strict";
 
 (() => {
@@ -59,11 +60,10 @@
 
   async function admin() {
     const [tenants, keys] = await Promise.all([api("GET", "/v1/admin/tenants"), api("GET", "/v1/admin/keys")]);
-    fill($("tenants").tBodies[0], tenants.data.map((t) => h("tr", {}, h("td", {}, t.name),
-      h("td", {}, new Date(t.created * 1000).toLocaleString()))));
-    fill($("keys").tBodies[0], keys.data.map((k) => h("tr", {}, h("td", {}, h("code", {}, k.id)), h("td", {}, k.role),
-      h("td", {}, k.tenant || "–"), h("td", {}, k.label || ""),
-      h("td", {}, k.revoked ? new Date(k.revoked * 1000).toLocaleString() : "–"))));
+    const revoked = keys.data.filter((k) => k.revoked).length;
+    $("tenant-count").textContent = tenants.data.length;
+    $("key-count").textContent = keys.data.length - revoked;
+    $("revoked-count").textContent = revoked;
     $("admin").hidden = false;
   }
 
