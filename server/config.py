@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     # Batching and the KV cache
     max_num_seqs: int = Field(64, ge=1, description="Sequences in the running batch at most.")
     torch_threads: int | None = Field(None, ge=1, description="Threads of the engine's forward pass (default: cores).")
-    cpu_kernel: bool = Field(True, description="Fused C++ LoRA op for float32 CPU decode steps (built in the background on the first start).")
+    cpu_kernel: bool = Field(True, description="Fused C++ ops for float32 CPU decode steps: the LoRA op and paged "
+                                               "attention (built in the background on the first start).")
     max_batch_tokens: int = Field(
         2048, ge=16, description="Tokens in one forward pass at most; longer prompts are prefilled in chunks.")
     max_queue: int = Field(1024, ge=0, description="Requests waiting for admission at most.")

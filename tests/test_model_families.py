@@ -342,3 +342,19 @@ def test_chunked_prefill_and_prefix_cache_match_transformers(models, family):
         assert completion.token_ids == models.greedy(family, prompt, adapter_name is not None), (len(prompt), adapter_name)
     hits = engine.snapshot().prefix_hit_tokens
     assert hits == 0 if engine.runner.ropes else hits > 0
+
+
+@pytest.mark.parametrize("family", SERVED, ids=_ids(SERVED))
+def test_decodes_through_the_paged_op_match_transformers(models, family):
+    """With the C++ decode op installed (decodes read the paged cache in place), a mixed batch still gives
+    transformers' and PEFT's tokens."""
+    base, adapter = models.dirs(family)
+    engine = make_engine(base)
+    engine.load_adapter("all-linear", adapter)
+    engine.wait_for_cpu_kernel()
+    if engine.runner.decode_op is None:
+        pytest.skip("no C++ compiler here: the torch path is all there is")
+    cases = [(p, a) for p in PROMPTS for a in (None, "all-linear")]
+    got = engine.generate([p for p, _ in cases], GREEDY, [a for _, a in cases])
+    for (prompt, adapter_name), completion in zip(cases, got):
+        assert completion.token_ids == models.greedy(family, prompt, adapter_name is not None), (len(prompt), adapter_name)

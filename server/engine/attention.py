@@ -5,8 +5,9 @@ keyword arguments were given to the model's forward; the runner passes `attn_met
 packed: all sequences' new tokens along one axis (batch dimension 1), each with its own positions.
 Prefills from position 0 attend causally to their own tokens; chunks that continue a prefill (a later
 chunk of a long prompt, or the rest of a prompt after a cached prefix) attend to their cached history
-and causally to themselves; running sequences (one decode token each) attend to their cached history,
-batched with a padding mask.
+and causally to themselves; running sequences (one decode token each) attend to their cached history:
+read in place by a block-table op where one is installed (paged_decode.py: float32 CPUs), else gathered
+and batched with a padding mask.
 
 For a query at position i of a sequence and that sequence's keys at positions j (what transformers'
 eager attention computes from the same arguments):
@@ -22,12 +23,14 @@ explicitly.
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 from transformers import AttentionInterface
 
 from server.engine.kv_cache import PagedKVCache
+from server.engine.paged_decode import DecodeAttentionOp, decode_attention
 
 ATTENTION_NAME = "loraserve_paged"
 
@@ -35,9 +38,23 @@ ATTENTION_NAME = "loraserve_paged"
 @dataclass(frozen=True)
 class DecodeBatch:
     token_index: torch.Tensor  # (B,) positions of the decode tokens in the packed batch
-    kv_rows: torch.Tensor  # (B, L) cache rows of each sequence's history, padded
-    lengths: torch.Tensor  # (B, 1) each sequence's length, its decode token included
-    kv_mask: torch.Tensor  # (B, 1, 1, L) True where a row is real
+    block_tables: torch.Tensor  # (B, M) each sequence's first M blocks (M covers the longest), 0-padded
+    lengths: torch.Tensor  # (B, 1) positions each decode token attends to: its own and all before it
+    block_size: int
+    op: DecodeAttentionOp | None = None  # reads the cache in place (paged_decode.py); None: gather, then SDPA
+
+    @cached_property
+    def kv_rows(self) -> torch.Tensor:
+        """(B, L) cache rows of each sequence's history, padded (L = the longest length)."""
+        offsets = torch.arange(self.block_size, device=self.block_tables.device)
+        rows = (self.block_tables[:, :, None] * self.block_size + offsets).flatten(1)
+        return rows[:, :int(self.lengths.max())]
+
+    @cached_property
+    def kv_mask(self) -> torch.Tensor:
+        """(B, 1, 1, L): True where a row is real."""
+        longest = self.kv_rows.shape[1]
+        return (torch.arange(longest, device=self.lengths.device)[None, :] < self.lengths)[:, None, None, :]
 
     def attended(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The cache rows a decode token (position n − 1) attends to, (B, L'), and their mask (B, 1, 1, L'):
@@ -100,7 +117,13 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                            softcap, s_aux)
         out[chunk.start:chunk.end] = attended[0].transpose(0, 1)
     decode = meta.decode
-    if decode is not None:
+    if decode is not None and decode.op is not None:
+        queries = query[0].index_select(1, decode.token_index).transpose(0, 1)  # (B, H, D)
+        attended = decode_attention(decode.op, queries, meta.kv_cache.keys[layer], meta.kv_cache.values[layer],
+                                    decode.block_tables, decode.lengths[:, 0], decode.block_size, scaling,
+                                    sliding_window, softcap, s_aux)
+        out.index_copy_(0, decode.token_index, attended)
+    elif decode is not None:
         rows, mask = decode.attended(sliding_window)
         keys = meta.kv_cache.keys[layer][rows].transpose(1, 2)  # (B, Hkv, L', D)
         values = meta.kv_cache.values[layer][rows].transpose(1, 2)

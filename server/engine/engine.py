@@ -17,6 +17,7 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.grammar import constrain
 from server.engine.kv_cache import PagedKVCache
 from server.engine.merging import MergeManager, MergePolicy
+from server.engine.paged_decode import build_decode_attention_in_background
 from server.engine.prefix_keys import adapter_cache_key, prefix_cache_key
 from server.engine.model_loader import (
     kv_shape,
@@ -98,10 +99,11 @@ class LLMEngine:
         self.targets = find_target_modules(model)
         self.slots = LoraSlotPool(self.targets, settings.max_loras, settings.max_lora_rank, self.dtype, self.device)
         lora_batch = LoraBatch()
-        # The fused CPU op is built (or loaded from the cache) off this thread; steps use the torch path
-        # until it is installed between two steps (_install_cpu_kernel).
+        # The fused CPU LoRA op and the paged decode attention op are built (or loaded from the cache) off
+        # this thread; steps use the torch paths until they are installed between two steps.
         use_kernel = settings.cpu_kernel and self.device.type == "cpu" and self.dtype == torch.float32
         self._kernel_build = build_cpu_kernel_in_background() if use_kernel else None
+        self._attention_build = build_decode_attention_in_background() if use_kernel else None
         wrap_target_modules(model, self.targets, self.slots, lora_batch)
         ropes = [m for m in model.modules() if isinstance(m, PerSequenceRope)]
         # LongRoPE keys depend on the length a sequence reaches, not only on its tokens: never shared.
@@ -308,20 +310,26 @@ class LLMEngine:
         )
 
     def wait_for_cpu_kernel(self) -> None:
-        """Block until the fused CPU op's background build is done and the op installed (benchmarks)."""
-        if self._kernel_build is not None:
-            self._kernel_build.result()
-            self._install_cpu_kernel()
+        """Block until the CPU ops' background builds are done and the ops installed (benchmarks)."""
+        for build in (self._kernel_build, self._attention_build):
+            if build is not None:
+                build.result()
+        self._install_cpu_kernel()
 
     # ---- internals ------------------------------------------------------------------------------
 
     def _install_cpu_kernel(self) -> None:
-        """Between steps: use the fused CPU op from now on if its background build has finished."""
+        """Between steps: use each CPU op from now on if its background build has finished."""
         if self._kernel_build is not None and self._kernel_build.done():
             self.runner.lora_batch.fused_op = self._kernel_build.result()
             self._kernel_build = None
             if self.runner.lora_batch.fused_op is not None:
                 log.info("the fused CPU LoRA op is ready: decode steps with few adapter tokens use it now")
+        if self._attention_build is not None and self._attention_build.done():
+            self.runner.decode_op = self._attention_build.result()
+            self._attention_build = None
+            if self.runner.decode_op is not None:
+                log.info("the paged decode attention op is ready: decodes read the KV cache in place now")
 
     def _forward(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None,
                                                         dict[Sequence, PromptChunk], list[RequestOutput]]:

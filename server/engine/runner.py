@@ -12,6 +12,7 @@ from torch import nn
 
 from server.engine.attention import AttentionMetadata, ChunkWithHistory, DecodeBatch
 from server.engine.kv_cache import PagedKVCache
+from server.engine.paged_decode import DecodeAttentionOp
 from server.engine.rope import PerSequenceRope
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
@@ -64,6 +65,7 @@ class ModelRunner:
         self.merged_steps = 0  # forward passes served entirely from a merged copy
         self.mixed_merged_steps = 0  # on a merged copy, other adapters' tokens corrected by ±Δ
         self.ropes = [m for m in model.modules() if isinstance(m, PerSequenceRope)]  # LongRoPE models only
+        self.decode_op: DecodeAttentionOp | None = None  # installed by the engine once built (paged_decode.py)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor, dict[Sequence, PromptChunk]]:
@@ -85,7 +87,7 @@ class ModelRunner:
             decode=self._decode_batch(packed.decodes) if packed.decodes else None,
             chunks=tuple(packed.chunks),
         )
-        self._prepare_lora(seqs, [batch.num_new_tokens(seq) for seq in seqs], merged)
+        self._prepare_lora(seqs, [batch.num_new_tokens(seq) for seq in seqs], merged, packed.keep)
         try:
             out = self.model(
                 input_ids=self._tensor(packed.tokens).unsqueeze(0),
@@ -160,22 +162,20 @@ class ModelRunner:
     def _decode_batch(self, decode_seqs: list[tuple[int, Sequence]]) -> DecodeBatch:
         """Each decode token (position num_computed, usually the sequence's last) attends to positions
         0 … num_computed."""
-        longest = max(seq.num_computed + 1 for _, seq in decode_seqs)
-        num_blocks = -(-longest // self.block_size)
-        tables = self._tensor([seq.block_table[:num_blocks] + [0] * (num_blocks - len(seq.block_table[:num_blocks]))
-                               for _, seq in decode_seqs])
-        offsets = torch.arange(self.block_size, device=self.device)
-        rows = (tables[:, :, None] * self.block_size + offsets).flatten(1)[:, :longest]
-        lengths = self._tensor([seq.num_computed + 1 for _, seq in decode_seqs])[:, None]
-        mask = torch.arange(longest, device=self.device)[None, :] < lengths
+        num_blocks = -(-max(seq.num_computed + 1 for _, seq in decode_seqs) // self.block_size)
+        tables = [seq.block_table[:num_blocks] for _, seq in decode_seqs]
         return DecodeBatch(
             token_index=self._tensor([start for start, _ in decode_seqs]),
-            kv_rows=rows,
-            lengths=lengths,
-            kv_mask=mask[:, None, None, :],
+            block_tables=self._tensor([table + [0] * (num_blocks - len(table)) for table in tables]),
+            lengths=self._tensor([seq.num_computed + 1 for _, seq in decode_seqs])[:, None],
+            block_size=self.block_size,
+            op=self.decode_op,
         )
 
-    def _prepare_lora(self, seqs: list[Sequence], tokens_per_seq: list[int], merged: tuple[str, int] | None) -> None:
+    def _prepare_lora(self, seqs: list[Sequence], tokens_per_seq: list[int], merged: tuple[str, int] | None,
+                      keep: list[int]) -> None:
+        """The step's LoRA plan; per-token slot rows when an adapter needs them, and those of the positions
+        whose logits are kept (`keep`: what the output head sees)."""
         token_slots = [slot for seq, n in zip(seqs, tokens_per_seq) for slot in [self._slot_of(seq)] * n]
         subtract: tuple[Run, ...] = ()
         if merged is not None:
@@ -189,10 +189,11 @@ class ModelRunner:
         plan = plan_runs(token_slots, LONG_RUN_MIN_TOKENS, self.device, subtract, self.slots.adapter_ranks,
                          fused_max_tokens=FUSED_MAX_TOKENS if self.lora_batch.fused_op is not None else 0)
         self.lora_batch.plan = plan if plan.has_lora else None
-        if any(self.slots.uses_dora(seq.adapter_name) for seq in seqs if seq.adapter is not None):
+        if any(self.slots.needs_rows(seq.adapter_name) for seq in seqs if seq.adapter is not None):
             no_adapter_row = self.slots.num_slots
             rows = [no_adapter_row if s == NO_SLOT else s for s in token_slots]
-            self.lora_batch.dora_rows = self._tensor(rows)
+            self.lora_batch.slot_rows = self._tensor(rows)
+            self.lora_batch.head_rows = self.lora_batch.slot_rows[self._tensor(keep)]
 
     def _choose_merged(self, batch: ScheduledBatch) -> tuple[str, int] | None:
         """The merged adapter this step runs on, with its slot, or None for the base weights.

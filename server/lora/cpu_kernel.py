@@ -12,15 +12,12 @@ no compiler is available the engine logs it and keeps the torch path.
 """
 
 import functools
-import logging
-import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
+from concurrent.futures import Future
 
 import torch
 
-log = logging.getLogger(__name__)
+from server.native_build import build_in_background, compile_cpu_extension
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -73,40 +70,14 @@ void add_lora_tokens(torch::Tensor out, torch::Tensor x, torch::Tensor lora_a, t
 LoraTokensOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
-_BUILDER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraserve-cpu-kernel")
-
-
 def build_cpu_kernel_in_background() -> "Future[LoraTokensOp | None]":
-    """`load_cpu_kernel` on a worker thread: the first build on a machine takes ~25 s (a C++ compile),
-    which a server must not wait for before it serves (through the torch path meanwhile)."""
-    return _BUILDER.submit(load_cpu_kernel)
+    """`load_cpu_kernel` on the builder thread (server/native_build.py): a server serves through the torch
+    path while it compiles."""
+    return build_in_background(load_cpu_kernel)
 
 
 @functools.cache
 def load_cpu_kernel() -> LoraTokensOp | None:
     """The compiled op, or None (logged) when it cannot be built here. Compiles at most once per process."""
-    from torch.utils.cpp_extension import load_inline
-
-    flags = ["-O3", "-fopenmp-simd"]
-    vector_flags = ["-mavx2", "-mfma"] if _cpu_has("avx2", "fma") else []
-    # The name carries the instruction set: a cache built with AVX2 is never loaded on a CPU without it.
-    name = "loraserve_lora_tokens" + ("_avx2" if vector_flags else "")
-    started = time.perf_counter()
-    log.info("loading the CPU LoRA kernel %s (compiled on first use on this machine, ~30 s)", name)
-    try:
-        module = load_inline(name, cpp_sources=_SOURCE, functions=["add_lora_tokens"],
-                             extra_cflags=flags + vector_flags)
-    except Exception as exc:  # no compiler, no ninja, headers missing: the torch path serves instead
-        log.warning("CPU LoRA kernel unavailable (%s); using the torch path", exc)
-        return None
-    log.info("CPU LoRA kernel ready in %.1f s", time.perf_counter() - started)
-    return module.add_lora_tokens
-
-
-def _cpu_has(*features: str) -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return all(feature in flags for feature in features)
+    module = compile_cpu_extension("loraserve_lora_tokens", _SOURCE, ["add_lora_tokens"], "CPU LoRA kernel")
+    return None if module is None else module.add_lora_tokens
