@@ -4,8 +4,9 @@ One run, side by side and interleaved: a random Llama and 8 PEFT adapters; 64 co
 requests over the adapters, measured (a) with LLMEngine.generate in this process and (b) as streaming
 /v1/completions against `loraserve serve` in a subprocess on loopback, sent from this process (on the
 same cores) by a minimal raw-socket client, whose text must equal the engine's, and (c) by the httpx
-client, for comparison: its own CPU costs the server's cores. Then the time from uploading a new
-adapter to its first served token. See docs/bench-http.md.
+client, for comparison: its own CPU costs the server's cores, and (d) by the raw client again while a
+console is open on every page, polling what its pages poll at their refresh intervals. Then the time
+from uploading a new adapter to its first served token. See docs/bench-http.md.
 
     python -m bench.http_bench            # about 3 minutes on 2 cores
     python -m bench.http_bench --quick    # tiny model, smoke test
@@ -142,10 +143,66 @@ async def upload_to_first_token(url: str, adapter_dir: Path) -> dict:
             "upload_to_first_token_s": first - started}
 
 
-LABELS = {"engine": "engine, direct", "http": "HTTP streaming, raw client", "httpx": "HTTP streaming, httpx client"}
+# One open tab of each console page: what it polls and how often (`every(...)` in server/api/console/static/*.js;
+# the Experiments page follows the selected experiment, the Keys page is an admin's).
+CONSOLE_EXPERIMENT = "bench-ab"
+CONSOLE_POLLS = {
+    2.0: ["/v1/server/state"],
+    3.0: ["/v1/experiments", f"/v1/experiments/{CONSOLE_EXPERIMENT}/results", f"/v1/experiments/{CONSOLE_EXPERIMENT}"],
+    5.0: ["/v1/adapters?limit=500", "/v1/aliases"],
+    10.0: ["/v1/admin/tenants", "/v1/admin/keys"],
+}
 
 
-def report(rounds: dict[str, list[tuple[float, int]]], cold: dict, shape: dict, outputs_match: bool) -> dict:
+async def _poll(client: httpx.AsyncClient, interval: float, paths: list[str], stop: asyncio.Event,
+                loaded: asyncio.Event) -> list[float]:
+    """One page's refresh loop: its calls together, then the interval after they answer (as `every` does).
+    Returns when each refresh was sent."""
+    sent = []
+    while not stop.is_set():
+        sent.append(time.perf_counter())
+        for response in await asyncio.gather(*(client.get(path) for path in paths)):
+            response.raise_for_status()
+            response.json()  # the page parses every answer
+        loaded.set()
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+        except asyncio.TimeoutError:
+            pass
+    return sent
+
+
+async def console_round(url: str, work: Workload) -> tuple[float, int, list[str], int]:
+    """The raw client's workload while the console's pages poll the same server, timed once every page has
+    loaded (its steady refreshing, not the first load); also the console requests sent while timed."""
+    stop = asyncio.Event()
+    loaded = {interval: asyncio.Event() for interval in CONSOLE_POLLS}
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        pollers = [asyncio.create_task(_poll(client, interval, paths, stop, loaded[interval]))
+                   for interval, paths in CONSOLE_POLLS.items()]
+        await asyncio.gather(*(event.wait() for event in loaded.values()))
+        started = time.perf_counter()
+        seconds, tokens, texts = await raw_round(url, work)
+        stop.set()
+        sent = await asyncio.gather(*pollers)
+    polls = sum(len(paths) * sum(t >= started for t in times) for paths, times in zip(CONSOLE_POLLS.values(), sent))
+    return seconds, tokens, texts, polls
+
+
+async def create_console_experiment(url: str) -> None:
+    """The experiment the Experiments page follows (its results are read, no request goes through it)."""
+    body = {"name": CONSOLE_EXPERIMENT, "status": "running",
+            "variants": [{"name": "A", "adapter": "a00"}, {"name": "B", "adapter": "a01"}]}
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        (await client.post("/v1/experiments", json=body)).raise_for_status()
+
+
+LABELS = {"engine": "engine, direct", "http": "HTTP streaming, raw client", "httpx": "HTTP streaming, httpx client",
+          "console": "raw client, console open"}
+
+
+def report(rounds: dict[str, list[tuple[float, int]]], cold: dict, shape: dict, outputs_match: bool,
+           console_polls: int) -> dict:
     best = {name: max(tokens / seconds for seconds, tokens in runs) for name, runs in rounds.items()}
     ratio = best["http"] / best["engine"]
     return {
@@ -156,6 +213,8 @@ def report(rounds: dict[str, list[tuple[float, int]]], cold: dict, shape: dict, 
         "tokens_per_s": best,
         "vs_engine": {name: value / best["engine"] for name, value in best.items()},
         "http_outputs_equal_engine": outputs_match,
+        "console": {"polls": CONSOLE_POLLS, "requests_sent": console_polls,
+                    "open_vs_closed": best["console"] / best["http"]},
         "goal": {"max_loss": GOAL_MAX_LOSS, "ratio": ratio, "met": ratio >= 1 - GOAL_MAX_LOSS},
         "cold_adapter": cold,
     }
@@ -167,6 +226,9 @@ def print_report(result: dict) -> None:
     for name, label in LABELS.items():
         print(f"{label:<32}{result['tokens_per_s'][name]:>10.1f}{result['vs_engine'][name]:>8.3f}")
     print(f"HTTP texts equal the engine's: {result['http_outputs_equal_engine']}")
+    console = result["console"]
+    print(f"console open vs closed (raw client): {console['open_vs_closed']:.3f} "
+          f"({console['requests_sent']} console requests during the measured rounds)")
     goal = result["goal"]
     print(f"goal: HTTP >= {1 - goal['max_loss']:.2f}x the engine (raw client): {'met' if goal['met'] else 'NOT met'}")
     cold = result["cold_adapter"]
@@ -182,7 +244,8 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     values = [result["tokens_per_s"][name] for name in LABELS]
-    ax.bar([label.replace(", ", ",\n") for label in LABELS.values()], values, color=["#4c72b0", "#dd8452", "#c4ad66"])
+    ax.bar([label.replace(", ", ",\n") for label in LABELS.values()], values,
+           color=["#4c72b0", "#dd8452", "#c4ad66", "#55a868"])
     ax.axhline(values[0] * (1 - GOAL_MAX_LOSS), color="grey", linestyle="--", label="goal: 0.90x engine")
     ax.set_ylabel("output tokens/s")
     ax.set_title(f"HTTP overhead: {result['vs_engine']['http']:.3f}x the engine")
@@ -211,20 +274,28 @@ def main(argv: list[str] | None = None) -> None:
         rounds: dict[str, list[tuple[float, int]]] = {name: [] for name in LABELS}
         server_settings = {"kv_cache_memory": 2 * 1024**3, "max_loras": 32, "max_lora_rank": 32, "max_num_seqs": 64,
                            "max_batch_tokens": 4096, "dtype": "float32", "device": "cpu", "log_format": "text"}
+        console_polls = 0
         with ServerProcess(base_dir, store, server_settings) as server:
             log("warming up every path")
+            asyncio.run(create_console_experiment(server.url))
             *_, engine_texts = engine_round(engine, work)
-            *_, http_texts = asyncio.run(raw_round(server.url, work))
+            asyncio.run(raw_round(server.url, work))
             asyncio.run(httpx_round(server.url, work))
+            asyncio.run(console_round(server.url, work))
+            texts_equal = True
             for r in range(shape["repeats"]):  # interleaved: noise hits all alike
                 rounds["engine"].append(engine_round(engine, work)[:2])
                 seconds, tokens, http_texts = asyncio.run(raw_round(server.url, work))
                 rounds["http"].append((seconds, tokens))
                 rounds["httpx"].append(asyncio.run(httpx_round(server.url, work)))
+                seconds, tokens, console_texts, polls = asyncio.run(console_round(server.url, work))
+                rounds["console"].append((seconds, tokens))
+                console_polls += polls
+                texts_equal = texts_equal and http_texts == engine_texts and console_texts == engine_texts
                 log(f"round {r + 1}/{shape['repeats']}: " + ", ".join(
                     f"{name} {runs[-1][0]:.2f}s" for name, runs in rounds.items()))
             cold = asyncio.run(upload_to_first_token(server.url, cold_dir))
-    result = report(rounds, cold, shape, outputs_match=http_texts == engine_texts)
+    result = report(rounds, cold, shape, outputs_match=texts_equal, console_polls=console_polls)
     print_report(result)
     (out / "http_bench.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "http_bench.png")
