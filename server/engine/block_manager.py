@@ -131,6 +131,11 @@ class BlockAllocator:
                 del self._evictable[block]
                 self._free.append(block)
 
+    def forget_all(self) -> None:
+        """Empty the prefix cache (benchmarks start each run cold)."""
+        for cache_key in list(self._by_key):
+            self.forget(cache_key)
+
     def _take_free(self) -> int:
         if self._free:
             return self._free.pop()
