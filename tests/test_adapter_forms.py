@@ -139,7 +139,7 @@ def _upload(url: str, name: str, directory) -> httpx.Response:
     return httpx.post(f"{url}/v1/adapters", data={"name": name}, files=files, timeout=60)
 
 
-@pytest.mark.parametrize("name", ["bias_all", "lora_bias", "layers_pattern"])
+@pytest.mark.parametrize("name", FORMS)
 def test_uploaded_over_http_and_served_through_the_tiers(biased_dir, form_dirs, engine, tmp_path, name):
     """Upload -> blob store -> host cache -> device slot; the text equals the engine's, which equals PEFT's."""
     settings = Settings(model=biased_dir, dtype="float32", device="cpu", adapters_dir=tmp_path / "adapters",
