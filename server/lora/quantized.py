@@ -2,23 +2,21 @@
 
 bitsandbytes' `Linear4bit` and `Linear8bitLt` subclass `nn.Linear` but override `forward`: their
 `weight` holds packed codes, not the matrix. The LoRA path keeps calling their own forward (so the base
-computes exactly what transformers and PEFT compute on the same model) and adds its low-rank terms in
-the compute dtype; only merging and DoRA's column norm need the matrix itself, dequantized here.
+computes exactly what transformers and PEFT compute on the same quantized model) and adds its low-rank
+terms in the compute dtype; only DoRA's column norm needs the matrix itself (`dense_weight`).
+bitsandbytes is imported only when a model is quantized: importing it costs time and logs a notice.
 """
 
 import torch
 from torch import nn
 
-try:  # an optional dependency: without it no model is quantized and nothing here is reached
-    import bitsandbytes as bnb
-except ImportError:  # pragma: no cover - bitsandbytes is installed wherever quantization is used
-    bnb = None
-
-QUANTIZED_LINEAR_TYPES: tuple[type, ...] = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt) if bnb is not None else ()
+_QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt")
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
-    return bool(QUANTIZED_LINEAR_TYPES) and isinstance(module, QUANTIZED_LINEAR_TYPES)
+    """A bitsandbytes 4-bit or 8-bit linear layer (subclasses included), told without importing it."""
+    return any(c.__module__.startswith("bitsandbytes.") and c.__name__ in _QUANTIZED_LINEARS
+               for c in type(module).__mro__)
 
 
 def dense_weight(module: nn.Module, chunk: int = 1024) -> torch.Tensor:
@@ -29,7 +27,7 @@ def dense_weight(module: nn.Module, chunk: int = 1024) -> torch.Tensor:
     if not is_quantized_linear(module):
         return module.weight.detach().float()
     bias = module.bias
-    dtype = module.compute_dtype if isinstance(module, bnb.nn.Linear4bit) and module.compute_dtype else torch.float32
+    dtype = getattr(module, "compute_dtype", None) or torch.float32
     columns = []
     with torch.inference_mode():
         for first in range(0, module.in_features, chunk):
