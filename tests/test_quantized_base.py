@@ -226,3 +226,29 @@ def test_models_and_metrics_show_the_quantization(llama_dir, tmp_path):
         metrics = httpx.get(f"{server.url}/metrics").text
     assert card["quantization"] == "bnb-int8" and card["resident_bytes"] > 0
     assert f'loraserve_base_resident_bytes{{quantization="bnb-int8"}} {float(card["resident_bytes"])}' in metrics
+
+
+QUANT_FORMS = {  # adapter forms on a quantized base (the head and the embedding stay unquantized)
+    "head_lora": dict(seed=71, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "lm_head"]),
+    "saved_head": dict(seed=72, r=4, lora_alpha=8, target_modules=["o_proj"], modules_to_save=["lm_head"]),
+    "embed_lora": dict(seed=73, r=8, lora_alpha=16, target_modules=["embed_tokens", "down_proj"]),
+    "tokens": dict(seed=75, r=4, lora_alpha=8, target_modules=["v_proj"], trainable_token_indices=[5, 40, 120, 7]),
+    "layers": dict(seed=74, r=8, lora_alpha=16, target_modules=["q_proj", "up_proj"], layers_to_transform=[1]),
+}
+
+
+def test_adapter_forms_on_a_quantized_base_match_peft(llama_dir, tmp_path):
+    from tests.test_adapter_forms import make_form_adapter
+
+    dirs = {name: make_form_adapter(llama_dir, tmp_path / name, **kwargs) for name, kwargs in QUANT_FORMS.items()}
+    engine = _engine(llama_dir, "bnb-nf4")
+    for name, directory in dirs.items():
+        engine.load_adapter(name, directory)
+    names = [None, *QUANT_FORMS]
+    prompts = [PROMPTS[i % 2] for i in range(len(names))]
+    batched = engine.generate(prompts, GREEDY, names)
+    assert len({tuple(c.token_ids) for c in batched}) == len(names)
+    for prompt, name, got in zip(prompts, names, batched):
+        tokens, margins = _peft_greedy(llama_dir, "bnb-nf4", prompt, dirs[name] if name else None)
+        decided = next((i for i, m in enumerate(margins) if m <= TOLERANCE["bnb-nf4"]), len(tokens))
+        assert decided >= MAX_NEW // 2 and _agrees(got.token_ids, tokens[:decided]), name
