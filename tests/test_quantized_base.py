@@ -89,19 +89,23 @@ def _peft_greedy(base_dir, method, prompt, adapter_dir=None) -> tuple[list[int],
     return out.sequences[0, len(prompt):].tolist(), margins
 
 
-@pytest.fixture(scope="module")
-def references(llama_dir, adapter_dirs):
+def _peft_decided(base_dir, method, prompt, adapter_dir=None) -> list[int]:
     """PEFT's greedy tokens up to its first near-tie: a step whose top two logprobs are closer than the
     tolerance may go either way within it, and every later token follows from that choice."""
+    tokens, margins = _peft_greedy(base_dir, method, prompt, adapter_dir)
+    decided = next((i for i, m in enumerate(margins) if m <= TOLERANCE[method]), len(tokens))
+    assert decided >= MAX_NEW // 2, f"PEFT's greedy path has a near-tie at step {decided}: too short to compare"
+    return tokens[:decided]
+
+
+@pytest.fixture(scope="module")
+def references(llama_dir, adapter_dirs):
     cache = {}
 
     def reference(method, prompt, name):
         key = (method, tuple(prompt), name)
         if key not in cache:
-            tokens, margins = _peft_greedy(llama_dir, method, prompt, adapter_dirs[name] if name else None)
-            decided = next((i for i, m in enumerate(margins) if m <= TOLERANCE[method]), len(tokens))
-            assert decided >= MAX_NEW // 2, f"PEFT's greedy path has a near-tie at step {decided}: too short to compare"
-            cache[key] = tokens[:decided]
+            cache[key] = _peft_decided(llama_dir, method, prompt, adapter_dirs[name] if name else None)
         return cache[key]
 
     return reference
@@ -249,6 +253,17 @@ def test_adapter_forms_on_a_quantized_base_match_peft(llama_dir, tmp_path):
     batched = engine.generate(prompts, GREEDY, names)
     assert len({tuple(c.token_ids) for c in batched}) == len(names)
     for prompt, name, got in zip(prompts, names, batched):
-        tokens, margins = _peft_greedy(llama_dir, "bnb-nf4", prompt, dirs[name] if name else None)
-        decided = next((i for i, m in enumerate(margins) if m <= TOLERANCE["bnb-nf4"]), len(tokens))
-        assert decided >= MAX_NEW // 2 and _agrees(got.token_ids, tokens[:decided]), name
+        assert _agrees(got.token_ids, _peft_decided(llama_dir, "bnb-nf4", prompt, dirs[name] if name else None)), name
+
+
+def test_gpt2_conv1d_quantized_matches_peft(gpt2_dir, gpt2_adapters):
+    """bitsandbytes turns GPT-2's Conv1D into Linear4bit (weight (out, in)); its adapters still apply."""
+    adapter_dir = gpt2_adapters("quant-gpt2", seed=81, r=8, lora_alpha=16, target_modules=["c_attn", "c_proj"],
+                                fan_in_fan_out=True)
+    engine = _engine(gpt2_dir, "bnb-nf4")
+    engine.load_adapter("attn", adapter_dir)
+    assert not any(t.fan_in_fan_out for t in engine.targets.values() if t.quantized)
+    batched = engine.generate([PROMPTS[0], PROMPTS[0]], GREEDY, [None, "attn"])
+    assert batched[0].token_ids != batched[1].token_ids
+    for name, got in zip([None, "attn"], batched):
+        assert _agrees(got.token_ids, _peft_decided(gpt2_dir, "bnb-nf4", PROMPTS[0], adapter_dir if name else None)), name
