@@ -232,6 +232,19 @@ def test_models_and_metrics_show_the_quantization(llama_dir, tmp_path):
     assert f'loraserve_base_resident_bytes{{quantization="bnb-int8"}} {float(card["resident_bytes"])}' in metrics
 
 
+def test_the_quantization_flag_quantizes_the_served_base(llama_dir, tmp_path):
+    """`--quantization bnb-nf4` on a full-precision directory: the server's base is NF4, and smaller."""
+    settings = Settings(model=llama_dir, dtype="float32", device="cpu", adapters_dir=tmp_path / "adapters",
+                        kv_cache_memory=16 * 1024**2, max_loras=4, quantization="bnb-nf4")
+    with RunningServer(settings) as server:
+        card = httpx.get(f"{server.url}/v1/models").json()["data"][0]
+        answer = httpx.post(f"{server.url}/v1/completions", json={
+            "model": card["id"], "prompt": "hello", "max_tokens": 3, "temperature": 0}).json()
+    full = base_footprint(load_base_model(llama_dir, torch.float32, torch.device("cpu"))).resident_bytes
+    assert card["quantization"] == "bnb-nf4" and card["resident_bytes"] < 0.5 * full
+    assert answer["usage"]["completion_tokens"] == 3
+
+
 QUANT_FORMS = {  # adapter forms on a quantized base (the head and the embedding stay unquantized)
     "head_lora": dict(seed=71, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "lm_head"]),
     "saved_head": dict(seed=72, r=4, lora_alpha=8, target_modules=["o_proj"], modules_to_save=["lm_head"]),

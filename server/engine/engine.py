@@ -133,7 +133,7 @@ class LLMEngine:
     @classmethod
     def from_settings(cls, settings: Settings) -> "LLMEngine":
         device = resolve_device(settings.device)
-        model = load_base_model(settings.model, resolve_dtype(settings.dtype, device), device)
+        model = load_base_model(settings.model, resolve_dtype(settings.dtype, device), device, settings.quantization)
         return cls(model, load_tokenizer(settings.model), settings)
 
     # ---- adapters -------------------------------------------------------------------------------
