@@ -31,6 +31,10 @@ ADAPTERS = {
     "mlp0": dict(seed=62, target_modules=r".*layers\.0\.mlp\.(gate_proj|up_proj|down_proj)"),
     # the last layer's q/o projections and MLP: no key or value changes, so the base's blocks serve it
     "last": dict(seed=63, target_modules=r".*layers\.1\.(self_attn\.(q_proj|o_proj)|mlp\.down_proj)"),
+    # LoRA on the LM head: after every layer, so the base's blocks serve it too
+    "head": dict(seed=65, target_modules=["lm_head"]),
+    # LoRA on the embeddings: every layer's input changes
+    "embed": dict(seed=66, target_modules=["embed_tokens"]),
 }
 
 
@@ -63,7 +67,8 @@ def test_the_rule_of_which_adapters_share_the_bases_blocks(llama_dir, adapter_di
     engine = _engine(llama_dir, adapter_dirs)
     layers = kv_shape(engine.model).num_layers
     keys = {name: prefix_cache_key(engine.adapters[name], layers) for name in ADAPTERS}
-    assert keys == {"qv": "adapter:qv", "mlp0": "adapter:mlp0", "last": BASE_KEY}
+    assert keys == {"qv": "adapter:qv", "mlp0": "adapter:mlp0", "last": BASE_KEY, "head": BASE_KEY,
+                    "embed": "adapter:embed"}
 
 
 def _peft_keys_and_values(llama_dir, adapter_dir) -> list[torch.Tensor]:
@@ -83,6 +88,8 @@ def test_the_rule_holds_in_transformers_own_keys_and_values(llama_dir, adapter_d
     base = _peft_keys_and_values(llama_dir, None)
     kv = {name: _peft_keys_and_values(llama_dir, path) for name, path in adapter_dirs.items()}
     assert all(torch.equal(a, b) for a, b in zip(kv["last"], base))
+    assert all(torch.equal(a, b) for a, b in zip(kv["head"], base))
+    assert not torch.allclose(kv["embed"][0], base[0])
     assert torch.equal(kv["mlp0"][0], base[0]) and not torch.allclose(kv["mlp0"][1], base[1])
     assert not torch.allclose(kv["qv"][0], base[0])
 
@@ -100,22 +107,23 @@ def test_outputs_equal_with_caching_on_and_off(llama_dir, adapter_dirs):
 
 
 def test_outputs_equal_peft_when_served_from_shared_blocks(llama_dir, adapter_dirs):
-    """The 'last' adapter served on the base's cached blocks, against PEFT."""
+    """The 'last' and 'head' adapters served on the base's cached blocks, against PEFT."""
     engine = _engine(llama_dir, adapter_dirs)
     engine.generate([SYSTEM + TURNS[0]], GREEDY, [None])
     prompt = SYSTEM + TURNS[1]
-    engine.add_request("shared", prompt, GREEDY, "last")
-    outputs = [out for _ in range(GREEDY.max_tokens) for out in engine.step()]
-    assert outputs[-1].finished and outputs[0].cached_tokens == len(SYSTEM) // BLOCK * BLOCK
-    tokens = [t for out in outputs for t in out.token_ids]
-    assert tokens == reference_greedy(llama_dir, prompt, GREEDY.max_tokens, adapter_dirs["last"])
-    assert tokens != reference_greedy(llama_dir, prompt, GREEDY.max_tokens)
+    for adapter in ("last", "head"):
+        engine.add_request(adapter, prompt, GREEDY, adapter)
+        outputs = [out for _ in range(GREEDY.max_tokens) for out in engine.step()]
+        assert outputs[-1].finished and outputs[0].cached_tokens == len(SYSTEM) // BLOCK * BLOCK
+        tokens = [t for out in outputs for t in out.token_ids]
+        assert tokens == reference_greedy(llama_dir, prompt, GREEDY.max_tokens, adapter_dirs[adapter]), adapter
+        assert tokens != reference_greedy(llama_dir, prompt, GREEDY.max_tokens), adapter
 
 
 def test_adapters_that_change_keys_never_use_the_bases_blocks(llama_dir, adapter_dirs):
     engine = _engine(llama_dir, adapter_dirs)
     engine.generate([SYSTEM + TURNS[0]], GREEDY, [None])
-    for adapter in ("qv", "mlp0"):
+    for adapter in ("qv", "mlp0", "embed"):
         hits = engine.snapshot().prefix_hit_tokens
         got = engine.generate([SYSTEM + TURNS[1]], GREEDY, [adapter])[0].token_ids
         assert engine.snapshot().prefix_hit_tokens == hits, adapter
