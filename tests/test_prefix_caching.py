@@ -66,7 +66,7 @@ def _run_waves(engine, cases, waves: int = 2) -> list[list[int]]:
 def test_the_rule_of_which_adapters_share_the_bases_blocks(llama_dir, adapter_dirs):
     engine = _engine(llama_dir, adapter_dirs)
     layers = kv_shape(engine.model).num_layers
-    keys = {name: prefix_cache_key(engine.adapters[name], layers) for name in ADAPTERS}
+    keys = {name: prefix_cache_key("t", engine.adapters[name], layers)[1] for name in ADAPTERS}
     assert keys == {"qv": "adapter:qv", "mlp0": "adapter:mlp0", "last": BASE_KEY, "head": BASE_KEY,
                     "embed": "adapter:embed"}
 
@@ -152,6 +152,23 @@ def test_a_new_version_never_reuses_the_old_ones_blocks(llama_dir, llama_adapter
         assert got == reference_greedy(llama_dir, prompt, 8, v2), replacement
     assert engine.generate([prompt], GREEDY, ["tuned@2"])[0].token_ids == reference_greedy(llama_dir, prompt, 8, v2)
     assert engine.snapshot().prefix_hit_tokens > hits  # its own blocks are found again
+
+
+def test_tenants_never_share_cached_blocks(llama_dir, adapter_dirs):
+    """One tenant's cached prompt is found by that tenant only (a first token that comes faster would tell
+    another tenant what the prompt begins with)."""
+    engine = _engine(llama_dir, adapter_dirs)
+    prompt = SYSTEM + TURNS[0]
+
+    def cached(request_id: str, tenant: str | None) -> int:
+        engine.add_request(request_id, prompt, GREEDY, None, tenant=tenant)
+        outputs = [out for _ in range(GREEDY.max_tokens) for out in engine.step()]
+        assert outputs[-1].finished
+        return outputs[0].cached_tokens
+
+    assert cached("a1", "tenant-a") == 0
+    assert cached("b1", "tenant-b") == 0 and cached("n1", None) == 0
+    assert cached("a2", "tenant-a") == cached("b2", "tenant-b") == cached("n2", None) == len(SYSTEM) // BLOCK * BLOCK
 
 
 def test_outputs_stay_exact_after_eviction(llama_dir, adapter_dirs):

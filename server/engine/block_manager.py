@@ -16,7 +16,7 @@ import hashlib
 import math
 from array import array
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 BlockHash = bytes
 
@@ -120,21 +120,22 @@ class BlockAllocator:
             self._by_key.setdefault(cache_key, set()).add(block_hash)
             self._key_of[block_hash] = cache_key
 
-    def forget(self, cache_key: Hashable) -> None:
-        """Drop every cached block of `cache_key`: a removed adapter's blocks must never be found again,
-        as its name may come back with other weights. Blocks still held are freed when released."""
-        for block_hash in self._by_key.pop(cache_key, set()):
-            del self._key_of[block_hash]
-            block = self._block_of.pop(block_hash)
-            del self._hash_of[block]
-            if block in self._evictable:
-                del self._evictable[block]
-                self._free.append(block)
+    def forget(self, matches: Callable[[Hashable], bool]) -> None:
+        """Drop every cached block of the cache keys `matches` accepts: a removed adapter's blocks must
+        never be found again, as its name may come back with other weights. Blocks still held are freed
+        when released."""
+        for cache_key in [key for key in self._by_key if matches(key)]:
+            for block_hash in self._by_key.pop(cache_key):
+                del self._key_of[block_hash]
+                block = self._block_of.pop(block_hash)
+                del self._hash_of[block]
+                if block in self._evictable:
+                    del self._evictable[block]
+                    self._free.append(block)
 
     def forget_all(self) -> None:
         """Empty the prefix cache (benchmarks start each run cold)."""
-        for cache_key in list(self._by_key):
-            self.forget(cache_key)
+        self.forget(lambda key: True)
 
     def _take_free(self) -> int:
         if self._free:

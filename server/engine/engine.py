@@ -18,7 +18,7 @@ from server.engine.grammar import constrain
 from server.engine.kv_cache import PagedKVCache
 from server.engine.merging import MergeManager, MergePolicy
 from server.engine.paged_decode import build_decode_attention_in_background
-from server.engine.prefix_keys import adapter_cache_key, prefix_cache_key
+from server.engine.prefix_keys import is_adapters_key, prefix_cache_key
 from server.engine.model_loader import (
     kv_shape,
     kv_window,
@@ -162,7 +162,7 @@ class LLMEngine:
             return False
         self.slots.evict(name)
         self.merges.forget(name)
-        self.kv_cache.allocator.forget(adapter_cache_key(name))
+        self.kv_cache.allocator.forget(is_adapters_key(name))
         self.adapters.pop(name, None)
         self.retiring.discard(name)
         return True
@@ -210,7 +210,7 @@ class LLMEngine:
         if len(self.scheduler.waiting) >= self.settings.max_queue:
             raise CapacityError(f"the queue is full ({self.settings.max_queue} requests waiting)")
         seq = Sequence(request_id=request_id, prompt_ids=prompt_ids, params=params, adapter=lora, tenant=tenant,
-                       prefix_key=prefix_cache_key(lora, self.num_layers) if self.prefix_caching else None)
+                       prefix_key=prefix_cache_key(tenant, lora, self.num_layers) if self.prefix_caching else None)
         self._requests[request_id] = _Tracked(seq, IncrementalDetokenizer(self.tokenizer, params.stop))
         self.scheduler.add(seq)
 

@@ -114,7 +114,7 @@ class Sequence:
     dropped_blocks: int = 0  # leading blocks of block_table given back: their keys fell out of every window
     num_computed: int = 0  # tokens whose keys/values are in the cache
     computed_length: int = 0  # its length at the last step that computed tokens (LongRoPE's switch: rope.py)
-    prefix_key: str | None = None  # whose cached KV blocks it may share (prefix_keys.py); None: no prefix caching
+    prefix_key: tuple[str | None, str] | None = None  # whose cached KV blocks it may share (prefix_keys.py)
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks so far (block_manager.py)
     named_blocks: int = 0  # leading blocks of block_table entered into the prefix cache
     cached_tokens: int = 0  # prompt tokens its first admission found in the prefix cache
