@@ -200,8 +200,9 @@ class ModelRunner:
 
         A step made only of one merged adapter's tokens runs on its copy with no LoRA work at all. A mixed
         step runs on the copy of its dominant merged adapter when that adapter holds at least half the
-        tokens (so subtracting its delta from the others costs less than it saves) and no DoRA adapter
-        is in the step (DoRA's per-channel factor does not commute with the subtraction)."""
+        tokens (so subtracting its delta from the others costs less than it saves) and no adapter served
+        row by row is in the step (DoRA's per-channel factor does not commute with the subtraction, and a
+        full copy of a module replaces the merged weights rather than adding to them)."""
         tokens: Counter[str | None] = Counter()
         for seq in batch.sequences:
             tokens[seq.adapter_name] += batch.num_new_tokens(seq)
@@ -213,5 +214,5 @@ class ModelRunner:
         if len(tokens) == 1:
             return name, slot
         mixed_ok = (2 * tokens[name] >= sum(tokens.values())
-                    and not any(self.slots.uses_dora(n) for n in tokens if n is not None))
+                    and not any(self.slots.needs_rows(n) for n in tokens if n is not None))
         return (name, slot) if mixed_ok else None

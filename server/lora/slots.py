@@ -137,9 +137,6 @@ class LoraSlotPool:
     def slot_of(self, name: str) -> int | None:
         return self._resident.get(name)
 
-    def uses_dora(self, name: str) -> bool:
-        return name in self._dora
-
     @property
     def any_dora(self) -> bool:
         """A DoRA adapter is resident: layers then apply the per-token factor when rows are set."""
