@@ -3,9 +3,10 @@
 1. The cost of Ray: the same streaming workload (a random Llama, 8 adapters, concurrent greedy requests)
    against `loraserve serve` alone and against `loraserve cluster` with 1 replica, rounds interleaved;
    tokens/s of the cluster over the single server (goal >= 0.9).
-2. Affinity on a real cluster: 2 replicas of few slots, ~40 adapters under Zipf traffic; adapter loads into
-   device slots (cold starts, the engines' own counters) per 1,000 requests with the affinity router and
-   with random routing (goal: affinity <= 1/3 of random), and the spread of requests over the replicas.
+2. Affinity on a real cluster: 2 replicas of 4 and of 16 slots, 40 adapters under Zipf traffic, 8 requests
+   at once; adapter loads into device slots (cold starts, the engines' own counters) per 1,000 requests
+   with the affinity router and with random routing (goal: affinity <= 1/3 of random), and the spread of
+   requests over the replicas.
 3. The same routing code simulated at 64 replicas x 32 slots x 5,000 adapters (server/cluster/simulate.py):
    cold starts per 1,000 requests and max/mean work of the replicas (goal <= 1.25) at three utilisations.
 
@@ -37,9 +38,9 @@ from tests.server_harness import ServerProcess, free_port
 RESULTS_DIR = Path(__file__).parent / "results"
 GOALS = {"ray_over_serve": 0.9, "affinity_over_random_cold": 1 / 3, "max_over_mean_work": 1.25}
 FULL = dict(hidden=256, intermediate=768, layers=4, heads=8, kv_heads=4, adapters=8, requests=32, max_tokens=32,
-            repeats=3, zipf_adapters=40, zipf_requests=600, slots=4, sim_requests=100_000)
+            repeats=3, zipf_adapters=40, zipf_requests=600, slots=(4, 16), sim_requests=100_000)
 QUICK = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, adapters=4, requests=8, max_tokens=8,
-             repeats=1, zipf_adapters=12, zipf_requests=80, slots=2, sim_requests=10_000)
+             repeats=1, zipf_adapters=12, zipf_requests=80, slots=(2,), sim_requests=10_000)
 ZIPF_S = 1.1
 UTILISATIONS = (0.5, 0.7, 0.9)
 
@@ -51,9 +52,18 @@ def _common(base_dir: Path, store: Path) -> dict:
 
 
 def _start_cluster(settings: Settings, routing: str) -> str:
-    """(Re)deploy the application: a second call replaces the first's replicas."""
+    """Deploy the application, deleting an earlier one first: its replicas hold the CPUs the new ones
+    need, so a rolling update would wait for them forever on 2 cores."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    from server.cluster.deployment import APP_NAME
     from server.cluster.launch import start
 
+    try:
+        serve.delete(APP_NAME)
+    except RayServeException:  # no Serve instance yet
+        pass
     start(settings, routing)
     return f"http://127.0.0.1:{settings.port}"
 
@@ -97,32 +107,37 @@ def zipf_on_the_cluster(base_dir: Path, store: Path, shape: dict, port: int) -> 
     names = [f"z{i:02d}" for i in range(shape["zipf_adapters"])]
     picks = [names[i] for i in rng.choice(len(names), size=shape["zipf_requests"],
                                           p=zipf_weights(len(names), ZIPF_S))]
-    results = {}
-    for routing in ("affinity", "random"):
-        settings = Settings(**{**_common(base_dir, store), "max_loras": shape["slots"], "torch_threads": 1},
-                            replicas=2, replica_cpus=1, port=port)
-        url = _start_cluster(settings, routing)
-        before = _replica_counters(url)
+    runs = []
+    for slots in shape["slots"]:
+        row: dict = {"slots_per_replica": slots}
+        for routing in ("affinity", "random"):
+            settings = Settings(**{**_common(base_dir, store), "max_loras": slots, "torch_threads": 1},
+                                replicas=2, replica_cpus=1, port=port)
+            row[routing] = _zipf_round(_start_cluster(settings, routing), picks)
+            log(f"{slots} slots, {routing}: {row[routing]}")
+        row["ratio"] = row["affinity"]["cold_starts_per_1000"] / row["random"]["cold_starts_per_1000"]
+        runs.append(row)
+    return {"runs": runs, "adapters": len(names), "requests": len(picks), "zipf_s": ZIPF_S, "concurrency": 8}
 
-        def one(model: str) -> str:
-            answer = httpx.post(url + "/v1/completions", timeout=120, json={
-                "model": model, "prompt": "zipf", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
-            answer.raise_for_status()
-            return answer.headers["x-replica"]
 
-        started = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            replicas = list(pool.map(one, picks))
-        seconds = time.perf_counter() - started
-        after = _replica_counters(url)
-        loads = sum(after[r] - before.get(r, 0) for r in after)
-        counts = [replicas.count(r) for r in set(replicas)]
-        results[routing] = {"cold_starts_per_1000": 1000 * loads / len(picks),
-                            "max_over_mean_requests": max(counts) / (sum(counts) / 2), "seconds": seconds}
-        log(f"{routing}: {results[routing]}")
-    results["ratio"] = results["affinity"]["cold_starts_per_1000"] / results["random"]["cold_starts_per_1000"]
-    results.update(adapters=len(names), requests=len(picks), slots_per_replica=shape["slots"], zipf_s=ZIPF_S)
-    return results
+def _zipf_round(url: str, picks: list[str]) -> dict:
+    before = _replica_counters(url)
+
+    def one(model: str) -> str:
+        answer = httpx.post(url + "/v1/completions", timeout=120, json={
+            "model": model, "prompt": "zipf", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        answer.raise_for_status()
+        return answer.headers["x-replica"]
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replicas = list(pool.map(one, picks))
+    seconds = time.perf_counter() - started
+    after = _replica_counters(url)
+    loads = sum(after[r] - before.get(r, 0) for r in after)
+    counts = [replicas.count(r) for r in set(replicas)]
+    return {"cold_starts_per_1000": 1000 * loads / len(picks),
+            "max_over_mean_requests": max(counts) / (sum(counts) / 2), "seconds": seconds}
 
 
 def simulation(shape: dict) -> dict:
@@ -146,11 +161,14 @@ def print_report(result: dict) -> None:
     print(f"\n1 replica through Ray: {ray_part['tokens_per_s']['cluster']:.0f} tok/s vs loraserve serve "
           f"{ray_part['tokens_per_s']['serve']:.0f} tok/s = {ray_part['ratio']:.2f}x "
           f"(goal >= {GOALS['ray_over_serve']}); outputs equal: {ray_part['outputs_equal']}")
-    print(f"2 replicas x {zipf['slots_per_replica']} slots, {zipf['adapters']} adapters, Zipf {zipf['zipf_s']}:")
-    for routing in ("affinity", "random"):
-        print(f"  {routing:8s} cold starts/1000: {zipf[routing]['cold_starts_per_1000']:6.1f}   "
-              f"max/mean requests per replica: {zipf[routing]['max_over_mean_requests']:.2f}")
-    print(f"  affinity / random = {zipf['ratio']:.2f} (goal <= {GOALS['affinity_over_random_cold']:.2f})")
+    print(f"2 replicas, {zipf['adapters']} adapters, Zipf {zipf['zipf_s']}, {zipf['concurrency']} requests at once:")
+    for row in zipf["runs"]:
+        for routing in ("affinity", "random"):
+            print(f"  {row['slots_per_replica']:2d} slots {routing:8s} cold starts/1000: "
+                  f"{row[routing]['cold_starts_per_1000']:6.1f}   max/mean requests per replica: "
+                  f"{row[routing]['max_over_mean_requests']:.2f}")
+        print(f"  {row['slots_per_replica']:2d} slots affinity / random = {row['ratio']:.2f} "
+              f"(goal <= {GOALS['affinity_over_random_cold']:.2f})")
     print("simulated 64 replicas x 32 slots x 5,000 adapters (cold starts/1000, max/mean work):")
     for policy, rows in sim["policies"].items():
         print(f"  {policy:12s} " + "  ".join(f"{r['utilisation']:.0%}: {r['cold_starts_per_1000']:5.0f}, "
@@ -165,9 +183,14 @@ def plot(result: dict, path: Path) -> None:
 
     zipf, sim = result["zipf"], result["simulation"]["policies"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    routings = ["affinity", "random"]
-    axes[0].bar(routings, [zipf[r]["cold_starts_per_1000"] for r in routings], color=["tab:blue", "tab:gray"])
+    width = 0.35
+    for i, routing in enumerate(("affinity", "random")):
+        axes[0].bar([j + i * width for j in range(len(zipf["runs"]))],
+                    [row[routing]["cold_starts_per_1000"] for row in zipf["runs"]], width, label=routing)
+    axes[0].set_xticks([j + width / 2 for j in range(len(zipf["runs"]))],
+                       [f"{row['slots_per_replica']} slots" for row in zipf["runs"]])
     axes[0].set_title(f"2 replicas, {zipf['adapters']} adapters (Zipf): cold starts / 1000")
+    axes[0].legend()
     for policy, rows in sim.items():
         x = [r["utilisation"] for r in rows]
         axes[1].plot(x, [r["cold_starts_per_1000"] for r in rows], marker="o", label=policy)

@@ -11,7 +11,8 @@ from server.tenancy import commands as keys_commands
 
 
 def _no_cluster_flags(args: argparse.Namespace) -> None:
-    """`--replicas` and `--replica-cpus` mean something only to `loraserve cluster`: refuse, not ignore."""
+    """The cluster's own settings (`--replicas`, `--replica-cpus`, `--stream-interval`) mean nothing to one
+    process: refuse them, do not ignore them."""
     given = sorted(flag(name) for name in CLUSTER_ONLY if name in vars(args))
     if given:
         sys.exit(f"loraserve {args.command}: {', '.join(given)} apply to `loraserve cluster` only")

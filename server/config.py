@@ -88,10 +88,13 @@ class Settings(BaseSettings):
     # Scale-out (`loraserve cluster`, server/cluster/): every other setting applies to each replica.
     replicas: int = Field(1, ge=1, description="Engine replicas behind the cluster's one HTTP endpoint.")
     replica_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved by each replica (a fraction shares a core).")
+    stream_interval: float = Field(
+        0.025, ge=0, le=1, description="Seconds a replica gathers a stream's events before sending them through Ray "
+                                       "together (each costs ~1 ms of CPU); 0 = each at once.")
     shared_limits: bool = Field(
         False, description="Tenant limits counted in the catalogue database, across every process sharing it "
                            "(`loraserve cluster` turns it on).")
 
 
 # Settings only `loraserve cluster` reads: other commands do not offer them.
-CLUSTER_ONLY = frozenset({"replicas", "replica_cpus"})
+CLUSTER_ONLY = frozenset({"replicas", "replica_cpus", "stream_interval"})

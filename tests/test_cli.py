@@ -60,6 +60,7 @@ FLAGS: dict[str, tuple[list[str], object]] = {
     "keep_alive_timeout": (["--keep-alive-timeout", "0.5"], 0.5),
     "replicas": (["--replicas", "3"], 3),
     "replica_cpus": (["--replica-cpus", "0.5"], 0.5),
+    "stream_interval": (["--stream-interval", "0"], 0.0),
     "shared_limits": (["--shared-limits"], True),
 }
 

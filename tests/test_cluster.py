@@ -4,6 +4,7 @@ One cluster for the module (starting it takes ~40 s on 2 cores); the test that k
 
 import concurrent.futures
 import json
+import re
 import time
 
 import httpx
@@ -25,6 +26,7 @@ from tests.server_harness import free_port
 ADMIN_KEY = "lsk_cluster-admin-key-for-the-tests"
 BASE = "tiny-llama"
 REQUESTS_PER_MINUTE = 8
+METRICS_PORT = free_port()  # Ray's metrics agent: every replica's exported series
 ADAPTERS = {"resident": dict(seed=901, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
             "uploaded": dict(seed=902, r=4, lora_alpha=16, target_modules=["o_proj", "down_proj"])}
 
@@ -44,7 +46,8 @@ def cluster(llama_dir, adapter_dirs, postgres, tmp_path_factory):  # noqa: F811
         tenant_requests_per_minute=REQUESTS_PER_MINUTE, replicas=2, replica_cpus=0.25, port=free_port(),
         shutdown_grace_seconds=1)
     ray.init(num_cpus=2, object_store_memory=80 * 1024**2, include_dashboard=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, _metrics_export_port=METRICS_PORT,
+             _system_config={"metrics_report_interval_ms": 500})
     try:
         start(settings)
         yield f"http://127.0.0.1:{settings.port}"
@@ -145,6 +148,19 @@ def test_a_tenant_rate_limit_holds_for_the_cluster_not_per_replica(cluster):
     codes = [a.status_code for a in answers]
     assert codes.count(200) == REQUESTS_PER_MINUTE and codes.count(429) == REQUESTS_PER_MINUTE, codes
     assert answers[-1].json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_each_replica_exports_its_engine_gauges_with_a_replica_label(cluster):
+    replicas = {_complete(cluster, "resident").headers["x-replica"]} | {
+        _complete(cluster, BASE).headers["x-replica"] for _ in range(8)}
+    pattern = re.compile(r'^(?:ray_)?loraserve_replica_slot_loads\{[^}]*replica="([^"]+)"[^}]*\} (\S+)$', re.M)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        exported = dict(pattern.findall(httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text))
+        if set(exported) >= replicas and any(float(v) > 0 for v in exported.values()):
+            break
+        time.sleep(1)
+    assert set(exported) >= replicas and any(float(v) > 0 for v in exported.values()), exported
 
 
 def _sse(lines) -> list:

@@ -1,12 +1,20 @@
-"""`loraserve cluster` takes every setting; the commands of one process refuse the cluster's own."""
+"""`loraserve cluster` takes every setting and serves until Ctrl-C; the one-process commands refuse its own flags;
+deploy/serve.yaml builds the application."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from server.cli import main
 from server.config import CLUSTER_ONLY, Settings
 from server.settings_cli import flag
+from tests.server_harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,3 +52,30 @@ def test_the_ray_serve_config_validates_and_builds_the_application(monkeypatch):
     assert replicas.num_replicas == app.args["replicas"]
     settings = replicas.init_args[0]
     assert settings.catalogue_url.startswith("postgresql+psycopg://") and settings.shared_limits
+
+
+def test_loraserve_cluster_serves_until_ctrl_c(llama_dir, tmp_path):
+    """The command itself, as a user runs it: a local Ray instance, 1 replica, the API on --port."""
+    port = free_port()
+    command = [sys.executable, "-m", "server.cli", "cluster", "--replicas", "1", "--replica-cpus", "0.5",
+               "--model", str(llama_dir), "--adapters-dir", str(tmp_path), "--served-model-name", "base",
+               "--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "32MiB", "--torch-threads", "1",
+               "--no-cpu-kernel", "--max-upload-size", "16MiB", "--port", str(port)]
+    process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                            json={"model": "base", "prompt": "Hi", "max_tokens": 3})
+        assert answer.status_code == 200 and answer.headers["x-replica"]
+        assert answer.json()["usage"]["completion_tokens"] == 3
+    finally:
+        process.send_signal(signal.SIGINT)  # Ctrl-C: Serve and the local Ray instance shut down
+        assert process.wait(timeout=120) == 0

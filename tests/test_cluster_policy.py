@@ -2,25 +2,44 @@
 
 import random
 
-from server.cluster.policy import ReplicaView, Residency, rank
+from server.cluster.policy import ReplicaView, Residency, home_of, rank
 from server.cluster.simulate import Scenario, run
 
 VIEWS = [ReplicaView("r0", 3), ReplicaView("r1", 0), ReplicaView("r2", 1)]
 
 
-def test_a_holder_under_the_load_line_comes_first_then_the_least_loaded():
-    assert rank("x", VIEWS, holders={"r0"}) == [["r0"], ["r1", "r2"]]  # mean 1.33: the line is 3.33
+def _flat(ranks: list[list[str]]) -> list[str]:
+    return [replica for ids in ranks for replica in ids]
 
 
-def test_a_holder_over_the_load_line_spills_to_the_least_loaded():
+def test_a_holder_under_the_load_line_comes_first_then_the_adapters_home_then_the_least_loaded():
+    adapter = next(a for a in (f"x{i}" for i in range(100)) if home_of(a, VIEWS) == "r2")
+    assert rank(adapter, VIEWS, holders={"r0"}) == [["r0"], ["r2"], ["r1"]]  # mean 1.33: the line is 3.33
+    assert rank(adapter, VIEWS, holders=set()) == [["r2"], ["r1", "r0"]]
+
+
+def test_a_holder_over_the_load_line_spills_to_the_home_or_the_least_loaded():
     crowded = [ReplicaView("r0", 9), ReplicaView("r1", 0), ReplicaView("r2", 1)]  # mean 3.33, line 5.33
-    assert rank("x", crowded, holders={"r0"}) == [["r1", "r2", "r0"]]
+    for adapter in (f"x{i}" for i in range(20)):
+        ranks = rank(adapter, crowded, holders={"r0"})
+        assert sorted(_flat(ranks)) == ["r0", "r1", "r2"] and _flat(ranks)[-1] == "r0"  # the holder last
+        home = home_of(adapter, crowded)
+        assert ranks == ([[home], [r for r in ("r1", "r2", "r0") if r != home]] if home != "r0"
+                         else [["r1", "r2", "r0"]])
 
 
-def test_base_requests_and_unknown_adapters_go_to_the_least_loaded_ties_at_random():
+def test_every_router_agrees_on_a_home_and_it_moves_only_with_its_replica():
+    views = [ReplicaView(f"r{i}", 0) for i in range(8)]
+    homes = {f"a{i}": home_of(f"a{i}", views) for i in range(400)}
+    assert len(set(homes.values())) == 8  # spread over every replica
+    fewer = [v for v in views if v.id != "r3"]
+    assert all(home_of(a, fewer) == h for a, h in homes.items() if h != "r3")
+
+
+def test_base_requests_go_to_the_least_loaded_ties_at_random():
     assert rank(None, VIEWS, holders={"r0"}) == [["r1", "r2", "r0"]]
     idle = [ReplicaView(f"r{i}", 0) for i in range(4)]
-    firsts = {rank("new", idle, set(), rng=random.Random(seed))[0][0] for seed in range(40)}
+    firsts = {rank(None, idle, set(), rng=random.Random(seed))[0][0] for seed in range(40)}
     assert firsts == {"r0", "r1", "r2", "r3"}
 
 

@@ -8,6 +8,7 @@ from typing import Literal
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
+from ray.serve.schema import LoggingConfig
 
 from server.cluster.ingress import Ingress
 from server.cluster.replica import EngineReplica
@@ -17,6 +18,8 @@ from server.config import Settings
 APP_NAME = "loraserve"
 # Replicas report their resident adapters this often; the router also remembers its own decisions.
 ROUTING_STATS_PERIOD_S = 0.5
+# The app logs each request itself (with its request id); Ray Serve's own line per call would double that.
+_LOGGING = LoggingConfig(enable_access_log=False)
 
 
 def build_app(settings: Settings, routing: Literal["affinity", "random"] = "affinity") -> Application:
@@ -29,9 +32,10 @@ def build_app(settings: Settings, routing: Literal["affinity", "random"] = "affi
             request_router_class=ROUTERS[routing], request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
             request_routing_stats_timeout_s=5.0),
         health_check_period_s=2.0, health_check_timeout_s=30.0,
-        graceful_shutdown_timeout_s=settings.shutdown_grace_seconds)
+        graceful_shutdown_timeout_s=settings.shutdown_grace_seconds, logging_config=_LOGGING)
     ingress = serve.deployment(Ingress, name="Ingress").options(
-        num_replicas=1, max_ongoing_requests=settings.max_connections, ray_actor_options={"num_cpus": 0})
+        num_replicas=1, max_ongoing_requests=settings.max_connections, ray_actor_options={"num_cpus": 0},
+        logging_config=_LOGGING)
     base_name = settings.served_model_name or Path(settings.model).resolve().name
     # Above every route's own limit (an upload's carries its multipart framing); each replica applies those.
     max_body = int(settings.max_upload_size) + int(settings.max_request_body)

@@ -37,10 +37,10 @@ def start(settings: Settings, routing: str = "affinity") -> None:
 def run(settings: Settings) -> int:
     from ray import serve
 
-    start(settings)
     try:
+        start(settings)
         threading.Event().wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, also while the replicas are still starting
         pass
     finally:
         serve.shutdown()

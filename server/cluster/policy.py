@@ -4,13 +4,18 @@
 Rule, for a request naming adapter X (`None` = the base model):
 - rank 0: the replicas that hold X (resident, or sent X within the last `hold_s`) whose load is under
   the line `max(spill x mean load, mean load + slack)`;
-- rank 1: every other replica.
+- rank 1: X's home, if under the line: the replica that rendezvous hashing gives X among those present
+  (every router agrees on it, and it moves only for the adapters of a replica that comes or goes), so
+  an adapter that no replica holds now still goes where it went before and each replica sees its own
+  share of the adapters instead of all of them;
+- rank 2: every other replica.
 Within a rank the least loaded wins (Ray Serve does that part with fresh queue lengths). A hot adapter
-whose holders all cross the line spills to the least loaded replica, which loads it: it ends up on
-several replicas; a cold one stays on one. Base requests have no holders: least loaded.
+whose holders all cross the line spills to its home or the least loaded replica, which loads it: it ends
+up on several replicas; a cold one stays on one. Base requests have no holders and no home: least loaded.
 """
 
 import random
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,8 +42,15 @@ def rank(adapter: str | None, replicas: Sequence[ReplicaView], holders: set[str]
     mean = sum(r.load for r in replicas) / len(replicas)
     line = max(spill * mean, mean + slack)
     first = [r.id for r in by_load if adapter is not None and r.id in holders and r.load < line]
-    rest = [r.id for r in by_load if r.id not in first]
-    return [ids[:per_rank] for ids in (first, rest) if ids]
+    home = [] if adapter is None else [r.id for r in replicas if r.id == home_of(adapter, replicas)
+                                       and r.load < line and r.id not in first]
+    rest = [r.id for r in by_load if r.id not in first and r.id not in home]
+    return [ids[:per_rank] for ids in (first, home, rest) if ids]
+
+
+def home_of(adapter: str, replicas: Sequence[ReplicaView]) -> str:
+    """Rendezvous (highest random weight) hashing: the replica whose hash with `adapter` is highest."""
+    return max(replicas, key=lambda r: zlib.crc32(f"{adapter}\0{r.id}".encode())).id
 
 
 @dataclass

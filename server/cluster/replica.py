@@ -22,6 +22,7 @@ class EngineReplica:
         sys.setswitchinterval(0.0005)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._app = create_app(settings)
+        self._stream_interval = settings.stream_interval
         self._lifespan = self._app.router.lifespan_context(self._app)
         await self._lifespan.__aenter__()
         self._headers = [(REPLICA_HEADER, self.replica_id.encode())]
@@ -29,7 +30,7 @@ class EngineReplica:
 
     async def handle(self, envelope: Envelope):
         """Stream one HTTP request's answer: a `Start`, then body pieces (call with `stream=True`)."""
-        async for item in play(self._app, envelope, self._headers):
+        async for item in play(self._app, envelope, self._headers, flush_s=self._stream_interval):
             yield item
 
     def record_routing_stats(self) -> dict:
