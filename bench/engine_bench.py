@@ -2,9 +2,12 @@
 
 One process, one workload (same prompts, same output lengths, greedy, EOS ignored), every
 configuration measured side by side on a random Llama and 32 random PEFT adapters of mixed rank:
-the engine on the bare base and with requests spread over 1, 8 and 32 adapters (and over 32 with
-every fourth request constrained by a JSON schema: structured outputs' cost), PEFT one request at a
-time (set_adapter + generate), and PEFT's mixed-adapter batch (generate(adapter_names=...)).
+the engine on the bare base and with requests spread over 1, 8 and 32 adapters (over 32 again with
+decodes gathering their history out of the paged cache instead of reading it in place: the decode
+op's worth; and with every fourth request constrained by a JSON schema: structured outputs' cost),
+PEFT one request at a time (set_adapter + generate), and PEFT's mixed-adapter batch
+(generate(adapter_names=...)). `--prompt-min/--prompt-max 512` shows the decode op where histories
+are long.
 
     python -m bench.engine_bench            # the full run (about 5 minutes on 2 cores)
     python -m bench.engine_bench --quick    # tiny model, smoke test (seconds)
@@ -283,6 +286,16 @@ def engine_generate(engine: LLMEngine, workload: Workload, grammar: Grammar | No
     return [c.token_ids for c in engine.generate(workload.prompts, params, adapters=workload.adapters)]
 
 
+def without_decode_op(engine: LLMEngine, workload: Workload) -> list[list[int]]:
+    """The same run with decodes gathering their history out of the paged cache (the torch path) instead
+    of reading it in place (server/engine/paged_decode.py): what the op is worth, side by side."""
+    op, engine.runner.decode_op = engine.runner.decode_op, None
+    try:
+        return engine_generate(engine, workload)
+    finally:
+        engine.runner.decode_op = op
+
+
 @torch.inference_mode()
 def peft_serial(model: PeftModel, workload: Workload) -> list[list[int]]:
     """PEFT's single-adapter path: switch the active adapter, generate one request."""
@@ -344,6 +357,9 @@ def engine_cases(engine: LLMEngine, prompts: list[list[int]], names: list[str], 
         label = "engine, bare base" if count == 0 else f"engine, {count} adapter{'s' if count > 1 else ''}"
         workload = spread_over(prompts, names[:count], o.max_tokens)
         cases.append(Case(Result(label, "engine", workload), lambda w: engine_generate(engine, w)))
+    label = f"engine, {NUM_ADAPTERS} ad., gather attn"
+    workload = spread_over(prompts, names, o.max_tokens)
+    cases.append(Case(Result(label, "engine-gather", workload), lambda w: without_decode_op(engine, w)))
     grammar = GrammarCompiler(engine.tokenizer).compile(GrammarSpec("json", JSON_SCHEMA, "bench"))
     label = f"engine, {NUM_ADAPTERS} ad., 1/{CONSTRAINED_EVERY} JSON"
     workload = spread_over(prompts, names, o.max_tokens)
