@@ -1,6 +1,8 @@
 """The demo's string tasks: the base copies its input; each adapter transforms the copy visibly.
 
-A prompt is the text and a newline (`"hello world\n"`); the answer is the (transformed) text, then EOS.
+A completion prompt is the text and a newline (`"hello world\n"`); a chat request is one user message
+holding the text, rendered by the demo tokenizer's chat template. The answer is the (transformed) text,
+then EOS.
 """
 
 import codecs
@@ -15,6 +17,7 @@ ALPHABET = string.ascii_lowercase + " "
 BASE_ALPHABET = string.ascii_letters + " "
 MIN_LEN, MAX_LEN = 3, 16
 SEPARATOR = "\n"
+FORMATS = ("completion", "chat")
 
 # The base's task, then one per adapter: what each one does to the text.
 BASE_TASK = "copy"
@@ -29,6 +32,10 @@ ADAPTER_TASKS = [name for name in TASKS if name != BASE_TASK]
 
 def prompt(text: str) -> str:
     return text + SEPARATOR
+
+
+def messages(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
 
 
 def answer(task: str, text: str) -> str:

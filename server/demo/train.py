@@ -1,6 +1,8 @@
 """Build the demo: train a tiny byte-level Llama to copy text, then one LoRA adapter per transformation.
 
-Everything runs on the CPU from fixed seeds; `loraserve build-demo` calls `main`.
+Every model learns both ways a client asks: the completion prompt (`text\n`) and the chat template's
+(`<|user|>\ntext\n<|assistant|>\n`); each batch holds both, half and half. Everything runs on the CPU
+from fixed seeds; `loraserve build-demo` calls `main`.
 """
 
 import math
@@ -22,20 +24,23 @@ from transformers import (
 )
 
 from server.demo import tasks
-from server.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, byte_tokenizer
+from server.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, demo_tokenizer
 
 EVAL_SIZE = 50
 TARGET = 0.9  # exact match each model must reach on its own task (tests/test_demo.py checks it over HTTP)
 OWN_TASK = {"base": tasks.BASE_TASK, **{name: name for name in tasks.ADAPTER_TASKS}}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# rot13 swaps letters: on the input embedding a per-token offset does it, where through the linear layers
+# alone training stayed at chance (rank 16 to 64, learning rates 1e-3 to 1e-2, also with the output head).
+EXTRA_TARGETS = {"rot13": ["embed_tokens"]}
 
 
 @dataclass(frozen=True)
 class BuildPlan:
     base_dir: Path = Path("demo/base")
     adapters_dir: Path = Path("adapters")
-    base_steps: int = 1500
-    adapter_steps: int = 500
+    base_steps: int = 2000
+    adapter_steps: int = 800
     batch_size: int = 32
     base_lr: float = 2e-3
     adapter_lr: float = 3e-3
@@ -51,24 +56,33 @@ def model_config() -> LlamaConfig:
     )
 
 
+def prompt_text(tokenizer: PreTrainedTokenizerFast, fmt: str, text: str) -> str:
+    """The prompt a client's request for `text` becomes: as sent (completions) or through the chat template."""
+    if fmt == "chat":
+        return tokenizer.apply_chat_template(tasks.messages(text), add_generation_prompt=True, tokenize=False)
+    return tasks.prompt(text)
+
+
 def encode_batch(tokenizer: PreTrainedTokenizerFast, task: str,
-                 texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt + answer + EOS, right-padded; labels only on the answer and EOS (-100 elsewhere)."""
-    rows = []
-    for text in texts:
-        prompt_ids = tokenizer.encode(tasks.prompt(text))
+                 rows: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(format, text) rows as prompt + answer + EOS, right-padded; labels only on the answer and EOS."""
+    encoded = []
+    for fmt, text in rows:
+        prompt_ids = tokenizer.encode(prompt_text(tokenizer, fmt, text))
         answer_ids = tokenizer.encode(tasks.answer(task, text)) + [EOS_ID]
-        rows.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.tensor([ids + [PAD_ID] * (width - len(ids)) for ids, _ in rows])
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+        encoded.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.tensor([ids + [PAD_ID] * (width - len(ids)) for ids, _ in encoded])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in encoded])
     return input_ids, labels
 
 
 def _batches(tokenizer, task: str, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    # Both formats in every batch: alternating whole batches let one format drift while the other trained.
     stream = tasks.training_texts(task, seed)
     while True:
-        yield encode_batch(tokenizer, task, [next(stream) for _ in range(batch_size)])
+        rows = [(tasks.FORMATS[i % len(tasks.FORMATS)], next(stream)) for i in range(batch_size)]
+        yield encode_batch(tokenizer, task, rows)
 
 
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -102,15 +116,15 @@ def train(model: PreTrainedModel, tokenizer, task: str, steps: int, lr: float, b
 
 
 @torch.inference_mode()
-def greedy_answers(model: PreTrainedModel, tokenizer, texts: list[str]) -> list[str | None]:
-    """Greedy completions of each text's prompt (None where no EOS came), batched by prompt length so
-    no row needs padding."""
+def greedy_answers(model: PreTrainedModel, tokenizer, texts: list[str], fmt: str) -> list[str | None]:
+    """Greedy completions of each text's prompt in `fmt` (None where no EOS came), batched by prompt length
+    so no row needs padding."""
     by_length: dict[int, list[int]] = {}
     for i, text in enumerate(texts):
         by_length.setdefault(len(text), []).append(i)
     answers: list[str | None] = [None] * len(texts)
     for length, indices in by_length.items():
-        input_ids = torch.tensor([tokenizer.encode(tasks.prompt(texts[i])) for i in indices])
+        input_ids = torch.tensor([tokenizer.encode(prompt_text(tokenizer, fmt, texts[i])) for i in indices])
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                              max_new_tokens=length + 4, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
         for i, row in zip(indices, out[:, input_ids.shape[1]:].tolist()):
@@ -119,10 +133,12 @@ def greedy_answers(model: PreTrainedModel, tokenizer, texts: list[str]) -> list[
     return answers
 
 
-def accuracy(model: PreTrainedModel, tokenizer, task: str, texts: list[str]) -> float:
-    """Exact-match share: the answer, then EOS."""
-    answers = greedy_answers(model, tokenizer, texts)
-    return sum(a == tasks.answer(task, t) for a, t in zip(answers, texts)) / len(texts)
+def scores(model: PreTrainedModel, tokenizer, texts: list[str]) -> dict[str, dict[str, float]]:
+    """Exact-match share (the answer, then EOS) per task judged, per format; one generation per format."""
+    answers = {fmt: greedy_answers(model, tokenizer, texts, fmt) for fmt in tasks.FORMATS}
+    return {task: {fmt: sum(a == tasks.answer(task, t) for a, t in zip(answers[fmt], texts)) / len(texts)
+                   for fmt in tasks.FORMATS}
+            for task in tasks.TASKS}
 
 
 def build_base(plan: BuildPlan, tokenizer) -> PreTrainedModel:
@@ -143,7 +159,7 @@ def build_adapter(plan: BuildPlan, tokenizer, base: PreTrainedModel, task: str):
     seed = plan.seed + 1 + tasks.ADAPTER_TASKS.index(task)
     torch.manual_seed(seed)
     config = LoraConfig(r=plan.lora_rank, lora_alpha=2 * plan.lora_rank, lora_dropout=0.0,
-                        target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+                        target_modules=LORA_TARGETS + EXTRA_TARGETS.get(task, []), task_type="CAUSAL_LM")
     model = get_peft_model(base, config)
     train(model, tokenizer, task, plan.adapter_steps, plan.adapter_lr, plan.batch_size, seed=seed * 1000)
     # Ship only the two files the server reads (PEFT also writes a model card README).
@@ -169,17 +185,20 @@ def main(plan: BuildPlan = BuildPlan()) -> int:
     # Matrices this small gain nothing from more threads, which would only fight other work on the machine.
     torch.set_num_threads(min(2, torch.get_num_threads()))
     started = time.monotonic()
-    tokenizer = byte_tokenizer()
+    tokenizer = demo_tokenizer()
     held_out = tasks.held_out_texts(EVAL_SIZE)
     base = build_base(plan, tokenizer)
-    results = {"base": {name: accuracy(base, tokenizer, name, held_out) for name in tasks.TASKS}}
+    results = {"base": scores(base, tokenizer, held_out)}
+    print(_row("base", results["base"]), flush=True)
     for task in tasks.ADAPTER_TASKS:
         # Each adapter trains on a fresh copy of the saved base so no PEFT wiring leaks between them.
         fresh = LlamaForCausalLM.from_pretrained(plan.base_dir, dtype=torch.float32)
         model = build_adapter(plan, tokenizer, fresh, task)
-        results[task] = {name: accuracy(model, tokenizer, name, held_out) for name in tasks.TASKS}
+        results[task] = scores(model, tokenizer, held_out)
+        print(_row(task, results[task]), flush=True)
     print(_table(results, time.monotonic() - started))
-    short = [model for model, task in OWN_TASK.items() if results[model][task] < TARGET]
+    short = [f"{model} ({fmt})" for model, task in OWN_TASK.items() for fmt in tasks.FORMATS
+             if results[model][task][fmt] < TARGET]
     if short:
         print(f"below {TARGET:.0%} on their own task: {', '.join(short)} "
               "(train longer: --base-steps, --adapter-steps)")
@@ -187,9 +206,14 @@ def main(plan: BuildPlan = BuildPlan()) -> int:
     return 0
 
 
-def _table(results: dict[str, dict[str, float]], seconds: float) -> str:
-    """Rows: the model served; columns: the task judged; cells: exact match on the held-out strings."""
-    header = f"{'model':<10}" + "".join(f"{name:>9}" for name in tasks.TASKS)
-    rows = [f"{model:<10}" + "".join(f"{score:>9.0%}" for score in scores.values())
-            for model, scores in results.items()]
+def _row(model: str, scores: dict[str, dict[str, float]]) -> str:
+    cells = (f"{by_format['completion']:>5.0%} {by_format['chat']:>4.0%}" for by_format in scores.values())
+    return f"{model:<10}" + "".join(f"{cell:>14}" for cell in cells)
+
+
+def _table(results: dict[str, dict[str, dict[str, float]]], seconds: float) -> str:
+    """Rows: the model served; columns: the task judged; cells: exact match on the held-out strings,
+    through the completion prompt, then the chat template."""
+    header = f"{'model':<10}" + "".join(f"{name + ' cmp/chat':>14}" for name in tasks.TASKS)
+    rows = [_row(model, scores) for model, scores in results.items()]
     return "\n".join([f"exact match, greedy, {EVAL_SIZE} held-out strings ({seconds:.0f} s):", header, *rows])
