@@ -84,14 +84,16 @@ class Scheduler:
         running = self._schedule_running()
         decodes = [seq for seq in running if seq.num_uncomputed == 1 and seq.num_computed > 0]
         budget = self.limits.max_batch_tokens - len(decodes)
-        prefills, chunks = [], {}
-        for seq in [seq for seq in running if seq not in decodes] + self._admit_waiting(budget):
+        chunks: dict[Sequence, int] = {}
+        for seq in [seq for seq in running if seq not in decodes]:  # prefills under way, oldest first
             if budget <= 0:
                 break
             chunks[seq] = min(seq.num_uncomputed, budget)
             budget -= chunks[seq]
-            prefills.append(seq)
-        return ScheduledBatch(prefills=prefills, decodes=decodes, chunks=chunks)
+        for seq in self._admit_waiting(budget):  # admitted only while the budget leaves them a token
+            chunks[seq] = min(seq.num_uncomputed, budget)
+            budget -= chunks[seq]
+        return ScheduledBatch(prefills=list(chunks), decodes=decodes, chunks=chunks)
 
     def name_computed_blocks(self, seq: Sequence) -> None:
         """After a step: enter the blocks `seq` filled into the prefix cache (blocks given back to the
