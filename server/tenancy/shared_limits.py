@@ -113,6 +113,9 @@ class SharedTenantLimiter:
             mine.count, mine.lease_at = mine.count + 1, _moment(now)
 
     def _take_from_buckets(self, session: Session, tenant: str, tokens: int, now: float) -> None:
+        # The bucket's clock has the stored resolution (microseconds): credit computed from an unrounded
+        # `now` and a rounded `updated_at` came up to a microsecond's worth short half of the time.
+        now = _moment(now).timestamp()
         row = session.get(_BucketRow, tenant, with_for_update=True)
         if row is None:  # a concurrent first insert fails its unique key; Database.write runs this again
             row = _BucketRow(tenant=tenant, requests=float(self.rpm), tokens=float(self.tpm), updated_at=_moment(now))
