@@ -6,6 +6,7 @@ then EOS.
 """
 
 import codecs
+import itertools
 import random
 import string
 import zlib
@@ -18,6 +19,10 @@ BASE_ALPHABET = string.ascii_letters + " "
 MIN_LEN, MAX_LEN = 3, 16
 SEPARATOR = "\n"
 FORMATS = ("completion", "chat")
+# The strings README's examples send: trained on now and then (never held out), so the quickstart answers
+# exactly whatever the seed; accuracy is still judged on held-out strings only.
+SHOWCASE = ("hello world", "loraserve works", "make me loud")
+SHOWCASE_EVERY = 50
 
 # The base's task, then one per adapter: what each one does to the text.
 BASE_TASK = "copy"
@@ -58,7 +63,10 @@ def _random_text(rng: random.Random, alphabet: str = ALPHABET) -> str:
 def training_texts(task: str, seed: int) -> Iterator[str]:
     """An endless stream of training strings for `task`, none of them held out."""
     rng, alphabet = random.Random(seed), BASE_ALPHABET if task == BASE_TASK else ALPHABET
-    while True:
+    for count in itertools.count(1):
+        if count % SHOWCASE_EVERY == 0:
+            yield SHOWCASE[count // SHOWCASE_EVERY % len(SHOWCASE)]
+            continue
         text = _random_text(rng, alphabet)
         if not is_held_out(text):
             yield text

@@ -141,6 +141,13 @@ def scores(model: PreTrainedModel, tokenizer, texts: list[str]) -> dict[str, dic
             for task in tasks.TASKS}
 
 
+def showcase_misses(model: PreTrainedModel, tokenizer, task: str) -> list[str]:
+    """README's example strings this model does not answer exactly, per format (the quickstart must)."""
+    return [f"{text!r} ({fmt})" for fmt in tasks.FORMATS
+            for text, got in zip(tasks.SHOWCASE, greedy_answers(model, tokenizer, list(tasks.SHOWCASE), fmt))
+            if got != tasks.answer(task, text)]
+
+
 def build_base(plan: BuildPlan, tokenizer) -> PreTrainedModel:
     torch.manual_seed(plan.seed)
     model = LlamaForCausalLM(model_config())
@@ -189,12 +196,14 @@ def main(plan: BuildPlan = BuildPlan()) -> int:
     held_out = tasks.held_out_texts(EVAL_SIZE)
     base = build_base(plan, tokenizer)
     results = {"base": scores(base, tokenizer, held_out)}
+    misses = {"base": showcase_misses(base, tokenizer, tasks.BASE_TASK)}
     print(_row("base", results["base"]), flush=True)
     for task in tasks.ADAPTER_TASKS:
         # Each adapter trains on a fresh copy of the saved base so no PEFT wiring leaks between them.
         fresh = LlamaForCausalLM.from_pretrained(plan.base_dir, dtype=torch.float32)
         model = build_adapter(plan, tokenizer, fresh, task)
         results[task] = scores(model, tokenizer, held_out)
+        misses[task] = showcase_misses(model, tokenizer, task)
         print(_row(task, results[task]), flush=True)
     print(_table(results, time.monotonic() - started))
     short = [f"{model} ({fmt})" for model, task in OWN_TASK.items() for fmt in tasks.FORMATS
@@ -202,6 +211,10 @@ def main(plan: BuildPlan = BuildPlan()) -> int:
     if short:
         print(f"below {TARGET:.0%} on their own task: {', '.join(short)} "
               "(train longer: --base-steps, --adapter-steps)")
+        return 1
+    wrong = [f"{model}: {', '.join(texts)}" for model, texts in misses.items() if texts]
+    if wrong:
+        print(f"README's examples answered wrongly: {'; '.join(wrong)} (train longer: --base-steps, --adapter-steps)")
         return 1
     return 0
 
