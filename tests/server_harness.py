@@ -2,14 +2,18 @@
 (`RunningServer`), or as `loraserve serve` in a subprocess (`ServerProcess`: its memory is its own)."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import openai
 
 from server.api.app import create_app
 from server.api.http_server import build_server
@@ -58,6 +62,22 @@ class RunningServer:
     def __exit__(self, *exc) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=60)
+
+
+@contextmanager
+def serve_adapters(model: Path, adapters: dict[str, Path], store: Path, **settings) -> Iterator[RunningServer]:
+    """A RunningServer on float32 CPU (32 MiB of KV cache, the base named "base") over `store`, which gets a
+    copy of each adapter directory under its name; `settings` override those defaults."""
+    for name, source in adapters.items():
+        shutil.copytree(source, store / name)
+    defaults = dict(dtype="float32", device="cpu", kv_cache_memory=32 * 1024**2, served_model_name="base")
+    with RunningServer(Settings(model=model, adapters_dir=store, **(defaults | settings))) as running:
+        yield running
+
+
+def openai_client(url: str) -> openai.OpenAI:
+    """The openai SDK on a test server: no key needed, no retries (a refusal must show at once)."""
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
 
 _START_TIMEOUT_S = 300

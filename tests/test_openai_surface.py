@@ -2,7 +2,6 @@
 with neutral values is accepted and changes nothing; anything else that is not implemented is refused
 with 400 naming the parameter, never accepted and ignored."""
 
-import shutil
 
 import httpx
 import openai
@@ -13,7 +12,7 @@ from server.api.schemas import ChatMessage
 from server.config import Settings
 from server.engine.sequence import SamplingParams
 from tests.factories import make_engine
-from tests.server_harness import RunningServer
+from tests.server_harness import RunningServer, openai_client, serve_adapters
 
 PROMPT = "Hello, adapters!"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -21,19 +20,15 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def server(llama_dir, llama_adapters, tmp_path_factory):
-    store = tmp_path_factory.mktemp("surface")
-    shutil.copytree(llama_adapters("surface_a", seed=701, r=8, lora_alpha=16), store / "alpha")
-    shutil.copytree(llama_adapters("surface_b", seed=702, r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"]),
-                    store / "beta")
-    settings = Settings(model=llama_dir, adapters_dir=store, dtype="float32", device="cpu",
-                        kv_cache_memory=32 * 1024**2, served_model_name="base")
-    with RunningServer(settings) as running:
+    adapters = {"alpha": llama_adapters("surface_a", seed=701, r=8, lora_alpha=16),
+                "beta": llama_adapters("surface_b", seed=702, r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"])}
+    with serve_adapters(llama_dir, adapters, tmp_path_factory.mktemp("surface")) as running:
         yield running
 
 
 @pytest.fixture
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    return openai_client(server.url)
 
 
 def _refused(call, param: str, says: str = "") -> None:

@@ -2,18 +2,15 @@
 transformers'/PEFT's log-softmax of the same prompt; and lm-evaluation-harness's loglikelihood requests
 against a real server."""
 
-import shutil
 
 import httpx
-import openai
 import pytest
 import torch
 
-from server.config import Settings
 from server.engine.sequence import SamplingParams
 from tests.conftest import _reference_model
 from tests.factories import make_engine
-from tests.server_harness import RunningServer
+from tests.server_harness import openai_client, serve_adapters
 
 TOLERANCE = 1e-4
 PROMPTS = [[40, 77, 101, 9, 33, 77, 40], [12, 250, 3, 3, 90], [71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81]]
@@ -76,12 +73,7 @@ def test_prompt_logprobs_in_a_mixed_batch_equal_transformers(llama_dir, adapter_
 
 @pytest.fixture(scope="module")
 def server(llama_dir, adapter_dirs, tmp_path_factory):
-    store = tmp_path_factory.mktemp("plp_store")
-    for name, path in adapter_dirs.items():
-        shutil.copytree(path, store / name)
-    settings = Settings(model=llama_dir, adapters_dir=store, dtype="float32", device="cpu",
-                        kv_cache_memory=32 * 1024**2, served_model_name="base")
-    with RunningServer(settings) as running:
+    with serve_adapters(llama_dir, adapter_dirs, tmp_path_factory.mktemp("plp_store")) as running:
         yield running
 
 
@@ -119,7 +111,7 @@ def test_lm_eval_loglikelihood_requests(server, llama_dir, adapter_dirs, model):
 
 
 def test_echo_with_the_openai_client(server, llama_dir):
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    client = openai_client(server.url)
     text = "Hello, echo!"
     plain = client.completions.create(model="pa", prompt=text, max_tokens=4, temperature=0)
     echoed = client.completions.create(model="pa", prompt=text, max_tokens=4, temperature=0, echo=True, logprobs=2)
@@ -133,7 +125,7 @@ def test_echo_with_the_openai_client(server, llama_dir):
 
 
 def test_vllm_prompt_logprobs(server, llama_dir, adapter_dirs):
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    client = openai_client(server.url)
     result = client.completions.create(model="pb", prompt=PROMPTS[1], max_tokens=2, temperature=0,
                                        extra_body={"prompt_logprobs": 2})
     entries = result.choices[0].model_extra["prompt_logprobs"]
@@ -151,7 +143,7 @@ def test_vllm_prompt_logprobs(server, llama_dir, adapter_dirs):
                                     dict(extra_body={"prompt_logprobs": 1}, logprobs=1, max_tokens=3),
                                     dict(echo=True, logprobs=0, max_tokens=0, extra_body={"prompt_logprobs": 0})])
 def test_streamed_echo_adds_up_to_the_whole_response(server, kwargs):
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    client = openai_client(server.url)
     prompt = ["Hello, stream!", "Tokens \u00e9\u00e8!"]
     whole = client.completions.create(model="pa", prompt=prompt, temperature=0, **kwargs)
     chunks = list(client.completions.create(model="pa", prompt=prompt, temperature=0, stream=True,

@@ -6,7 +6,6 @@ through the `openai` SDK against a real server."""
 import json
 import random
 import re
-import shutil
 from typing import Literal
 
 import jsonschema_rs
@@ -17,13 +16,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from server.config import Settings
 from server.demo.tokenizer import byte_tokenizer
 from server.engine.grammar import GrammarCompiler, GrammarSpec, constrain
 from server.engine.sequence import FinishReason, SamplingParams
 from server.errors import InvalidRequestError
 from tests.factories import make_engine
-from tests.server_harness import RunningServer
+from tests.server_harness import openai_client, serve_adapters
 
 PROMPTS = [[40, 77, 101, 9, 33], [5, 6, 7, 8], [120, 3, 99, 42, 42, 17], [200, 201]]
 EOS = 2
@@ -227,12 +225,9 @@ def test_ignore_eos_with_a_grammar_is_refused():
 
 @pytest.fixture(scope="module")
 def client(llama_dir, llama_adapters, tmp_path_factory):
-    store = tmp_path_factory.mktemp("structured_api")
-    shutil.copytree(llama_adapters("structured_0", seed=801, r=8, lora_alpha=16), store / "alpha")
-    settings = Settings(model=llama_dir, adapters_dir=store, dtype="float32", device="cpu",
-                        kv_cache_memory=32 * 1024**2, served_model_name="base")
-    with RunningServer(settings) as running:
-        yield openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+    adapters = {"alpha": llama_adapters("structured_0", seed=801, r=8, lora_alpha=16)}
+    with serve_adapters(llama_dir, adapters, tmp_path_factory.mktemp("structured_api")) as running:
+        yield openai_client(running.url)
 
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "pets"], "properties": {

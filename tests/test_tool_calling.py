@@ -5,7 +5,6 @@ the API through the `openai` SDK (and LangChain's bind_tools) against a real ser
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import jsonschema_rs
@@ -15,11 +14,10 @@ import pytest
 from server.api import tools
 from server.api.chat import chat_prompt
 from server.api.schemas import ChatMessage
-from server.config import Settings
 from server.engine.grammar import GrammarCompiler
 from server.engine.sequence import FinishReason, SamplingParams
 from tests.factories import build_model, byte_tokenizer, llama_config, make_adapter, make_engine, save_model
-from tests.server_harness import RunningServer
+from tests.server_harness import openai_client, serve_adapters
 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"], "properties": {
     "city": {"type": "string", "maxLength": 6}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
@@ -187,17 +185,13 @@ def test_forced_calls_in_a_mixed_batch_always_validate(engine_and_adapters):
 @pytest.fixture(scope="module")
 def server(long_llama, tmp_path_factory):
     base, adapter_dirs = long_llama
-    store = tmp_path_factory.mktemp("tools_api")
-    shutil.copytree(adapter_dirs[0], store / "alpha")
-    settings = Settings(model=base, adapters_dir=store, dtype="float32", device="cpu",
-                        kv_cache_memory=32 * 1024**2, served_model_name="base")
-    with RunningServer(settings) as running:
+    with serve_adapters(base, {"alpha": adapter_dirs[0]}, tmp_path_factory.mktemp("tools_api")) as running:
         yield running
 
 
 @pytest.fixture
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    return openai_client(server.url)
 
 
 MESSAGES = [{"role": "user", "content": "What is the weather in Oslo?"}]
