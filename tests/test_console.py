@@ -8,7 +8,7 @@ pages make goes to the server under test (nothing from the network) and no page 
 
 The browser is Debian's Chromium (`/usr/bin/chromium`, or LORASERVE_CHROMIUM): Playwright cannot
 download its own here. Without it, or without playwright, the browser tests skip, except in CI
-(CI=true), where .ci/run installs it and a missing browser fails; the last three tests need no browser. Screenshots go to LORASERVE_SCREENSHOTS when set
+(CI=true), where .ci/run installs it and a missing browser fails; the last four tests need no browser. Screenshots go to LORASERVE_SCREENSHOTS when set
 (`LORASERVE_SCREENSHOTS=docs/screenshots` refreshes the ones the README shows), else to a temporary
 folder, so a test run leaves the work tree as it was.
 """
@@ -428,6 +428,22 @@ def test_an_admin_creates_and_revokes_keys_on_the_keys_page(console, world, scre
 
 # ---- without a browser: the pages carry no data, the files are a fixed set, the state endpoint filters ----
 
+def test_the_traffic_share_is_charted_as_it_changes(console, world):
+    """Each refresh adds a point to an adapter's sparkline; traffic to it shows as a rise above the baseline."""
+    page = console().sign_in(world["keys"]["globex"])
+    spark = 'tr[data-adapter="globex-backwards"] svg.spark polyline'
+    page.wait_for_selector(spark, state="attached")
+    Api(world["server"].url, world["keys"]["globex"])(
+        "POST", "/v1/completions", json={"model": "globex-backwards", "prompt": "hello\n", "max_tokens": 8})
+    # Two refreshes at least (every 5 s), the newest after the traffic: a point above the baseline (y = 15).
+    page.wait_for_function("""(selector) => {
+        const points = document.querySelector(selector).getAttribute("points").trim().split(" ");
+        return points.length >= 2 && Number(points[points.length - 1].split(",")[1]) < 15;
+    }""", arg=spark)
+    points = page.get_attribute(spark, "points").split()
+    assert len(points) >= 2 and all(0 <= float(p.split(",")[1]) <= 15 for p in points)
+
+
 def test_pages_need_no_key_and_carry_no_data(world):
     url = world["server"].url
     assert httpx.get(url + "/", follow_redirects=False).headers["location"] == "/ui"
@@ -481,3 +497,4 @@ def test_the_adapter_list_names_owners_as_far_as_the_key_may_know(world):
         assert admin("GET", "/v1/adapters/globex-backwards").json()["owner"] == "globex"
     finally:
         admin("PUT", "/v1/admin/adapters/globex-backwards/public", json={"public": False})
+

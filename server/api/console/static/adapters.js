@@ -1,4 +1,4 @@
-// Adapters: the list (versions, aliases, owner, rank, targets, size, tier, traffic share), upload by drop or
+// Adapters: the list (versions, aliases, owner, rank, targets, size, tier, traffic share and its trend), upload by drop or
 // file inputs with the server's refusals shown in place, alias, warm, pin a merged copy, delete.
 "use strict";
 
@@ -20,6 +20,35 @@
     const pct = Math.round((share || 0) * 100);
     return h("span", {class: "share", title: `${pct}% of recent tokens`},
       h("span", {class: "share-bar", style: `width: ${pct}%`}), h("span", {class: "share-label"}, `${pct}%`));
+  }
+
+  // Each adapter's share at every refresh since the page opened (the last 5 minutes at most), drawn as a
+  // sparkline beside the bar: kept in the tab, so watching the trend costs the server nothing.
+  const HISTORY_POINTS = 60;
+  const SPARK_W = 60, SPARK_H = 16;
+  const shareHistory = new Map();
+
+  function remember(adapters) {
+    for (const adapter of adapters) {
+      const points = shareHistory.get(adapter.id) || [];
+      points.push((adapter.merge && adapter.merge.traffic_share) || 0);
+      shareHistory.set(adapter.id, points.slice(-HISTORY_POINTS));
+    }
+  }
+
+  function sparkline(points) {
+    const svgNs = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(svgNs, "svg");
+    svg.setAttribute("class", "spark");
+    svg.setAttribute("viewBox", `0 0 ${SPARK_W} ${SPARK_H}`);
+    const title = document.createElementNS(svgNs, "title");
+    title.textContent = "share of recent tokens at each refresh since this page opened";
+    const line = document.createElementNS(svgNs, "polyline");
+    const step = SPARK_W / (HISTORY_POINTS - 1);
+    line.setAttribute("points", points.map((share, i) =>
+      `${(SPARK_W - (points.length - 1 - i) * step).toFixed(1)},${(SPARK_H - 1 - (SPARK_H - 2) * share).toFixed(1)}`).join(" "));
+    svg.append(title, line);
+    return svg;
   }
 
   function tier(adapter) {
@@ -71,7 +100,8 @@
       h("td", {class: "targets", title: adapter.target_modules.join(", ")}, adapter.target_modules.join(", ")),
       h("td", {}, bytes(adapter.bytes)),
       h("td", {}, tier(adapter)),
-      h("td", {}, shareBar(adapter.merge && adapter.merge.traffic_share)),
+      h("td", {class: "traffic"}, shareBar(adapter.merge && adapter.merge.traffic_share),
+        sparkline(shareHistory.get(adapter.id) || [])),
       h("td", {class: "actions"}, buttons));
   }
 
@@ -83,6 +113,7 @@
       const name = a.target.split("@")[0];
       (aliases[name] = aliases[name] || []).push(`${a.alias} → ${a.target}`);
     }
+    remember(adapters.data);
     fill($("adapters").tBodies[0], adapters.data.map((a) => row(a, aliases)));
     $("adapter-count").textContent = adapters.total > adapters.data.length
       ? `(first ${adapters.data.length} of ${adapters.total})` : `(${adapters.total})`;
