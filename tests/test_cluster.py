@@ -6,6 +6,8 @@ import concurrent.futures
 import json
 import re
 import time
+from collections.abc import Callable
+from itertools import count
 
 import httpx
 import openai
@@ -13,8 +15,10 @@ import pytest
 import ray
 from ray import serve
 
+from server.cluster.asgi_bridge import Start
 from server.cluster.deployment import APP_NAME
-from server.cluster.launch import start
+from server.cluster.launch import init_ray, start
+from server.cluster.policy import ReplicaView, home_of
 from server.config import Settings
 from server.engine.sequence import SamplingParams
 from server.lora.adapter import CONFIG_FILE, WEIGHTS_FILE
@@ -28,6 +32,7 @@ BASE = "tiny-llama"
 REQUESTS_PER_MINUTE = 8
 METRICS_PORT = free_port()  # Ray's metrics agent: every replica's exported series
 ADAPTERS = {"resident": dict(seed=901, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+            "second": dict(seed=903, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
             "uploaded": dict(seed=902, r=4, lora_alpha=16, target_modules=["o_proj", "down_proj"])}
 
 
@@ -42,10 +47,10 @@ def cluster(llama_dir, adapter_dirs, postgres, tmp_path_factory):  # noqa: F811
     settings = Settings(
         model=llama_dir, adapters_dir=store, catalogue_url=postgres(), dtype="float32", device="cpu",
         kv_cache_memory=32 * 1024**2, max_loras=2, served_model_name=BASE, torch_threads=1, cpu_kernel=False,
-        lora=[f"resident={adapter_dirs['resident']}"], admin_key=ADMIN_KEY, shared_limits=True,
+        lora=[f"{name}={adapter_dirs[name]}" for name in ("resident", "second")], admin_key=ADMIN_KEY, shared_limits=True,
         tenant_requests_per_minute=REQUESTS_PER_MINUTE, replicas=2, replica_cpus=0.25, port=free_port(),
         shutdown_grace_seconds=1)
-    ray.init(num_cpus=2, object_store_memory=80 * 1024**2, include_dashboard=False,
+    init_ray(num_cpus=2, object_store_memory=80 * 1024**2, include_dashboard=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, _metrics_export_port=METRICS_PORT,
              _system_config={"metrics_report_interval_ms": 500})
     try:
@@ -85,7 +90,7 @@ def _key(url: str, tenant: str) -> dict[str, str]:
 
 def test_the_openai_client_gets_what_one_engine_gives(cluster, reference):
     client = openai.OpenAI(base_url=cluster + "/v1", api_key=ADMIN_KEY)
-    assert [m.id for m in client.models.list().data] == [BASE, "resident"]
+    assert [m.id for m in client.models.list().data] == [BASE, "resident", "second"]
     base, adapted = reference("Hello, cluster!", None, 12), reference("Hello, cluster!", "resident", 12)
     assert base != adapted  # the adapter changes the output, so equality below means something
     for model, expected in ((BASE, base), ("resident", adapted)):
@@ -139,6 +144,73 @@ def test_a_revoked_key_is_refused_by_every_replica_within_a_second(cluster):
         if time.monotonic() - at > 1.0:  # sent after the second: every replica must refuse
             late.setdefault(answer.headers["x-replica"], set()).add(answer.status_code)
     assert set(late) == seen and all(codes == {401} for codes in late.values()), late
+
+
+def _replicas(url: str) -> list[str]:
+    """Both replicas' ids (X-Replica), from base requests (idle replicas tie: either one)."""
+    seen = {httpx.get(url + "/v1/models", headers=ADMIN).headers["x-replica"] for _ in range(16)}
+    assert len(seen) == 2
+    return sorted(seen)
+
+
+def _on(replica: str, replicas: list[str], method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+    """One request played into the replica `replica` through Ray Serve's router: the handle names an
+    affinity key that no replica holds and whose rendezvous home is `replica`, so the idle cluster sends it
+    there (checked by its X-Replica)."""
+    views = [ReplicaView(r, 0) for r in replicas]
+    key = next(k for k in (f"pin-{replica}-{i}" for i in count()) if home_of(k, views) == replica)
+    handle = serve.get_deployment_handle("EngineReplica", APP_NAME).options(stream=True, multiplexed_model_id=key)
+    envelope = {"method": method, "path": path, "query_string": b"", "client": None,
+                "headers": [(b"authorization", f"Bearer {ADMIN_KEY}".encode()), (b"content-type", b"application/json")],
+                "body": json.dumps(body).encode() if body is not None else b""}
+    start, *pieces = list(handle.handle.remote(envelope))
+    assert isinstance(start, Start) and dict(start.headers)[b"x-replica"] == replica.encode()
+    return start.status, b"".join(pieces)
+
+
+def _honoured_everywhere_within_a_second(replicas: list[str], change: Callable[[], tuple[int, bytes]],
+                                         ask: Callable[[str], object], expected: object) -> None:
+    """`change()` through the first replica; from one second after it, every replica's `ask` is `expected`."""
+    status, body = change()
+    assert status == 200, body
+    at = time.monotonic()
+    late: dict[str, list[object]] = {r: [] for r in replicas}
+    while time.monotonic() - at < 2.0:
+        for replica in replicas:
+            answer = ask(replica)
+            if time.monotonic() - at > 1.0:
+                late[replica].append(answer)
+    assert all(answers and set(answers) == {expected} for answers in late.values()), late
+
+
+def _completion(replica: str, replicas: list[str], model: str) -> tuple[int, str | None]:
+    status, body = _on(replica, replicas, "POST", "/v1/completions",
+                       {"model": model, "prompt": "Hello, cluster!", "max_tokens": 6, "temperature": 0, "user": "u1"})
+    return status, json.loads(body)["choices"][0]["text"] if status == 200 else None
+
+
+def test_an_alias_change_on_one_replica_is_honoured_by_every_replica_within_a_second(cluster, reference):
+    replicas = _replicas(cluster)
+    before, after = reference("Hello, cluster!", "resident", 6), reference("Hello, cluster!", "second", 6)
+    assert before != after
+    status, _ = _on(replicas[0], replicas, "PUT", "/v1/aliases/prod", {"target": "resident"})
+    assert status == 200
+    assert {_completion(r, replicas, "prod") for r in replicas} == {(200, before)}  # both remember it now
+    _honoured_everywhere_within_a_second(
+        replicas, lambda: _on(replicas[0], replicas, "PUT", "/v1/aliases/prod", {"target": "second"}),
+        lambda replica: _completion(replica, replicas, "prod"), (200, after))
+
+
+def test_an_experiment_change_on_one_replica_is_honoured_by_every_replica_within_a_second(cluster):
+    replicas = _replicas(cluster)
+    variants = [{"name": "A", "adapter": "resident"}, {"name": "B", "adapter": "second"}]
+    status, body = _on(replicas[0], replicas, "POST", "/v1/experiments",
+                       {"name": "ab", "variants": variants, "status": "running"})
+    assert status == 201, body
+    assert {_completion(r, replicas, "ab")[0] for r in replicas} == {200}  # both remember it running
+    _honoured_everywhere_within_a_second(
+        replicas, lambda: _on(replicas[0], replicas, "PATCH", "/v1/experiments/ab", {"status": "paused"}),
+        lambda replica: _completion(replica, replicas, "ab")[0], 409)
 
 
 def test_a_tenant_rate_limit_holds_for_the_cluster_not_per_replica(cluster):

@@ -2,7 +2,7 @@
 
 import random
 
-from server.cluster.policy import ReplicaView, Residency, home_of, rank
+from server.cluster.policy import ReplicaView, Residency, affinity_key, home_of, rank
 from server.cluster.simulate import Scenario, run
 
 VIEWS = [ReplicaView("r0", 3), ReplicaView("r1", 0), ReplicaView("r2", 1)]
@@ -34,6 +34,20 @@ def test_every_router_agrees_on_a_home_and_it_moves_only_with_its_replica():
     assert len(set(homes.values())) == 8  # spread over every replica
     fewer = [v for v in views if v.id != "r3"]
     assert all(home_of(a, fewer) == h for a, h in homes.items() if h != "r3")
+
+
+def test_an_alias_routes_with_the_version_it_points_to_and_versions_share_their_names_home():
+    aliases = {"prod": "bot@3"}
+    assert [affinity_key(m, aliases) for m in ("prod", "bot", "bot@2", None)] == ["bot@3", "bot", "bot@2", None]
+    views = [ReplicaView(f"r{i}", 0) for i in range(8)]
+    for name in (f"bot{i}" for i in range(50)):
+        assert home_of(name, views) == home_of(f"{name}@3", views) == home_of(f"{name}@17", views)
+    residency = Residency(hold_s=1.0)
+    residency.report("r0", {"bot@3", "bot"})  # replicas report name@version and name
+    residency.routed("r1", affinity_key("prod", aliases), now=10.0)
+    assert residency.holders(affinity_key("prod", aliases), now=10.5) == {"r0", "r1"}
+    assert residency.holders("bot", now=10.5) == {"r0", "r1"}
+    assert residency.holders("bot@2", now=10.5) == set()
 
 
 def test_base_requests_go_to_the_least_loaded_ties_at_random():

@@ -9,6 +9,9 @@ Rule, for a request naming adapter X (`None` = the base model):
   an adapter that no replica holds now still goes where it went before and each replica sees its own
   share of the adapters instead of all of them;
 - rank 2: every other replica.
+An adapter is routed by its affinity key (`affinity_key`): an alias by the version it points to, so an alias
+and its adapter share holders and a home; homes hash the adapter's name alone, so `x`, `x@2` and an alias
+of `x@2` have one home.
 Within a rank the least loaded wins (Ray Serve does that part with fresh queue lengths). A hot adapter
 whose holders all cross the line spills to its home or the least loaded replica, which loads it: it ends
 up on several replicas; a cold one stays on one. Base requests have no holders and no home: least loaded.
@@ -16,12 +19,14 @@ up on several replicas; a cold one stays on one. Base requests have no holders a
 
 import random
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 SPILL = 1.2  # a holder may carry 20% more than the mean before a request goes elsewhere
 SLACK = 2.0  # ...or two requests more: at low load, a cold start costs more than a short queue
-HOLD_S = 5.0  # a routing decision counts as residency until the replica's own report catches up
+# A routing decision counts as residency until the replica's own report (every 0.5 s) has caught up with it:
+# kept longer, notes claim adapters a few-slot replica evicted long ago, and affinity decays to random.
+HOLD_S = 1.0
 CANDIDATES = 4  # replicas per rank handed to Ray Serve (it probes their queue lengths)
 
 
@@ -48,9 +53,21 @@ def rank(adapter: str | None, replicas: Sequence[ReplicaView], holders: set[str]
     return [ids[:per_rank] for ids in (first, home, rest) if ids]
 
 
+def affinity_key(model: str | None, aliases: Mapping[str, str]) -> str | None:
+    """What a request naming `model` routes by: an alias's target (`name@version`), else `model` as sent
+    (an adapter's `name` or `name@version`; an experiment's name, whose variant only the replica picks)."""
+    return aliases.get(model, model) if model else None
+
+
+def name_of(key: str) -> str:
+    return key.partition("@")[0]
+
+
 def home_of(adapter: str, replicas: Sequence[ReplicaView]) -> str:
-    """Rendezvous (highest random weight) hashing: the replica whose hash with `adapter` is highest."""
-    return max(replicas, key=lambda r: zlib.crc32(f"{adapter}\0{r.id}".encode())).id
+    """Rendezvous (highest random weight) hashing of the adapter's name: the replica whose hash with it is
+    highest."""
+    name = name_of(adapter)
+    return max(replicas, key=lambda r: zlib.crc32(f"{name}\0{r.id}".encode())).id
 
 
 @dataclass
@@ -67,8 +84,10 @@ class Residency:
         self._reported[replica] = frozenset(adapters)
 
     def routed(self, replica: str, adapter: str | None, now: float) -> None:
+        """Note `adapter` (`name@version` also as `name`, as replicas report) as sent to `replica`."""
         if adapter is not None:
-            self._routed.setdefault(replica, {})[adapter] = now
+            notes = self._routed.setdefault(replica, {})
+            notes[adapter] = notes[name_of(adapter)] = now
 
     def forget(self, replica: str) -> None:
         self._reported.pop(replica, None)

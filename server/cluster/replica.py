@@ -1,6 +1,8 @@
 """One engine replica of the cluster: the whole loraserve app (`server.api.app.create_app`, started
 with its own lifespan) behind one Ray Serve method that plays a request into it (asgi_bridge)."""
 
+import asyncio
+import logging
 import sys
 
 from ray import serve
@@ -9,6 +11,9 @@ from server.api.app import create_app
 from server.cluster.asgi_bridge import Envelope, play
 from server.cluster.replica_metrics import ReplicaMetrics
 from server.config import Settings
+from server.db.database import UNREACHABLE
+
+log = logging.getLogger(__name__)
 
 REPLICA_HEADER = b"x-replica"
 
@@ -27,19 +32,27 @@ class EngineReplica:
         await self._lifespan.__aenter__()
         self._headers = [(REPLICA_HEADER, self.replica_id.encode())]
         self._metrics = ReplicaMetrics()
+        self._aliases: dict[str, str] = {}
 
     async def handle(self, envelope: Envelope):
         """Stream one HTTP request's answer: a `Start`, then body pieces (call with `stream=True`)."""
         async for item in play(self._app, envelope, self._headers, flush_s=self._stream_interval):
             yield item
 
-    def record_routing_stats(self) -> dict:
+    async def record_routing_stats(self) -> dict:
         """What the router reads (server/cluster/router.py): the adapters in the engine's device slots, by
-        `name@version` and by name. Also refreshes the exported metrics."""
-        snap = self._app.state.loraserve.engine.snapshot
+        `name@version` and by name, and the alias table (alias -> `name@version`), so that an alias routes
+        with its adapter. Also refreshes the exported metrics."""
+        state = self._app.state.loraserve
+        snap = state.engine.snapshot
         self._metrics.update(snap)
         held = set(snap.device_adapters) | set(snap.merged)
-        return {"adapters": sorted(held | {key.partition("@")[0] for key in held})}
+        try:
+            aliases = await asyncio.to_thread(state.registry.list_aliases)
+            self._aliases = {a.alias: a.target for a in aliases}
+        except UNREACHABLE:  # the last table known; the replica serves on without its database
+            log.debug("alias table not refreshed: the catalogue is unreachable")
+        return {"adapters": sorted(held | {key.partition("@")[0] for key in held}), "aliases": self._aliases}
 
     def check_health(self) -> None:
         if self._app.state.loraserve is None:

@@ -5,7 +5,9 @@ its own per-replica LRU loaded, while what a request should follow is what the e
 device slots (its own LRU, merged copies, retirements); its fallback also waits up to a matching
 timeout before spreading. Here each replica reports its engine's resident adapters as routing stats
 (`EngineReplica.record_routing_stats`), the ingress names the adapter as the request's
-`multiplexed_model_id`, and `server/cluster/policy.py` (shared with the simulator) ranks replicas;
+`multiplexed_model_id` (the `model` as sent; aliases are mapped to their targets here, from the alias
+table the replicas report with their residents), and `server/cluster/policy.py` (shared with the
+simulator) ranks replicas;
 Ray Serve still probes queue lengths, applies `max_ongoing_requests` and backs off.
 """
 
@@ -15,12 +17,12 @@ from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from server.cluster.policy import ReplicaView, Residency, rank
+from server.cluster.policy import ReplicaView, Residency, affinity_key, rank
 
 _PRUNE_EVERY_S = 30.0
 
 
-def _adapter(pending: PendingRequest | None) -> str | None:
+def _model(pending: PendingRequest | None) -> str | None:
     return (pending.metadata.multiplexed_model_id or None) if pending is not None else None
 
 
@@ -31,22 +33,27 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, **kwargs: Any) -> None:
         self._residency = Residency(**kwargs)
         self._pruned = time.monotonic()
+        self._aliases: dict[str, str] = {}  # alias -> name@version, as the replicas last reported
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         now = time.monotonic()
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         for replica_id, replica in by_id.items():
-            self._residency.report(replica_id, (replica.routing_stats or {}).get("adapters", ()))
+            stats = replica.routing_stats or {}
+            self._residency.report(replica_id, stats.get("adapters", ()))
+            if "aliases" in stats:  # one catalogue: every replica reports the same table
+                self._aliases = stats["aliases"]
         views = [ReplicaView(rid, self.replica_queue_len_cache.get(r.replica_id) or 0) for rid, r in by_id.items()]
-        adapter = _adapter(pending_request)
+        adapter = affinity_key(_model(pending_request), self._aliases)
         if now - self._pruned > _PRUNE_EVERY_S:
             self._residency.prune(now)
             self._pruned = now
         return [[by_id[i] for i in ids] for ids in rank(adapter, views, self._residency.holders(adapter, now))]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
-        self._residency.routed(replica_id.unique_id, _adapter(pending_request), time.monotonic())
+        self._residency.routed(replica_id.unique_id, affinity_key(_model(pending_request), self._aliases),
+                               time.monotonic())
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
