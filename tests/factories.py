@@ -75,6 +75,22 @@ def make_adapter(model_dir: Path, directory: Path, seed: int, **lora_kwargs) -> 
     return directory
 
 
+def resize_favouring_new_tokens(model: PreTrainedModel, vocabulary: int, seed: int) -> None:
+    """Resize the vocabulary as before training with new tokens; each new head row is a stronger copy of the
+    row of a token the base emits, so greedy decoding emits the new ids (tests/test_resized_vocabulary.py)."""
+    old = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, old, (1, 6), generator=generator)
+    with torch.no_grad():
+        emitted = model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 6:]
+    model.resize_token_embeddings(vocabulary, mean_resizing=False)
+    source = emitted[torch.randperm(len(emitted), generator=generator)].repeat(vocabulary)[:vocabulary - old]
+    with torch.no_grad():
+        embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        embed[old:] = embed[source] + 0.05 * torch.randn(len(source), embed.shape[1], generator=generator)
+        head[old:] = 2.5 * head[source]
+
+
 def make_engine(model_dir: Path, **settings) -> LLMEngine:
     from server.engine.model_loader import load_base_model
 

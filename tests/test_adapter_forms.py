@@ -16,7 +16,7 @@ from server.engine.sequence import SamplingParams
 from server.errors import AdapterValidationError
 from server.lora.adapter import CONFIG_FILE, WEIGHTS_FILE
 from tests.conftest import reference_greedy
-from tests.factories import build_model, llama_config, make_engine, save_model
+from tests.factories import build_model, llama_config, make_engine, resize_favouring_new_tokens, save_model
 from tests.server_harness import RunningServer
 
 MAX_NEW = 10
@@ -41,17 +41,21 @@ FORMS = {
 }
 
 
-def make_form_adapter(base_dir, directory, seed: int, **lora_kwargs):
-    """A PEFT adapter whose every trainable parameter is perturbed (LoRA factors, trained biases, copies)."""
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                                LoraConfig(**lora_kwargs))
+def make_form_adapter(base_dir, directory, seed: int, vocabulary: int | None = None, save_embedding_layers=False,
+                      **lora_kwargs):
+    """A PEFT adapter whose every trainable parameter is perturbed (LoRA factors, trained biases, copies);
+    with `vocabulary`, trained on the base resized to that many tokens (tests/test_resized_vocabulary.py)."""
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if vocabulary is not None:
+        resize_favouring_new_tokens(base, vocabulary, seed)
+    peft_model = get_peft_model(base, LoraConfig(**lora_kwargs))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if param.requires_grad:
                 scale = 0.3 if "lora_" in name else 0.1
                 param.add_(scale * torch.randn(param.shape, generator=generator))
-    peft_model.save_pretrained(directory, save_embedding_layers=False)
+    peft_model.save_pretrained(directory, save_embedding_layers=save_embedding_layers)
     return directory
 
 
@@ -176,7 +180,8 @@ def test_gpt2_tied_embedding_forms_match_peft(gpt2_dir, tmp_path):
         assert got.token_ids == reference_greedy(gpt2_dir, prompt, MAX_NEW, dirs[name] if name else None), name
 
 
-def test_a_resized_vocabulary_is_refused_by_name(biased_dir, form_dirs, tmp_path):
+def test_a_resized_head_without_the_embeddings_rows_is_refused_by_name(biased_dir, form_dirs, tmp_path):
+    """Served only with the new rows of both (tests/test_resized_vocabulary.py): here the embedding lacks them."""
     directory = tmp_path / "resized"
     directory.mkdir()
     (directory / CONFIG_FILE).write_bytes((form_dirs["saved_head"] / CONFIG_FILE).read_bytes())
@@ -185,7 +190,8 @@ def test_a_resized_vocabulary_is_refused_by_name(biased_dir, form_dirs, tmp_path
     tensors["base_model.model.lm_head.weight"] = torch.cat([head, torch.randn(3, head.shape[1])])
     save_file(tensors, directory / WEIGHTS_FILE)
     engine = make_engine(biased_dir, max_loras=2)
-    with pytest.raises(AdapterValidationError, match=r"modules_to_save lm_head: 262 rows.*resized vocabulary"):
+    with pytest.raises(AdapterValidationError, match=r"model\.embed_tokens: the adapter's vocabulary has 262 rows, "
+                                                     r"the base's 259; model\.embed_tokens needs the new rows too"):
         engine.load_adapter("resized", directory)
 
 

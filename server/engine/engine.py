@@ -37,6 +37,7 @@ from server.engine.sequence import FinishReason, SamplingParams, Sequence
 from server.engine.snapshot import EngineSnapshot
 from server.errors import CapacityError, InvalidRequestError, RequestTooLargeError, UnknownAdapterError
 from server.lora.adapter import LoraAdapter, load_lora_adapter
+from server.lora.added_tokens import AdapterTokenizers
 from server.lora.cpu_kernel import build_cpu_kernel_in_background
 from server.lora.layer import LoraBatch, wrap_target_modules
 from server.lora.slots import LoraSlotPool
@@ -91,6 +92,7 @@ class LLMEngine:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: Settings):
         self.model = model
         self.tokenizer = tokenizer
+        self.tokenizers = AdapterTokenizers(tokenizer)  # adapters with a resized vocabulary name their new ids
         self.settings = settings
         self.device = model.device
         self.dtype = model.dtype
@@ -205,13 +207,14 @@ class LLMEngine:
         lora = self._adapter(adapter) if isinstance(adapter, str) else adapter
         if lora is not None and lora.name in self.retiring:
             raise UnknownAdapterError(f"adapter {lora.name!r} was deleted")
-        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_fits(prompt_ids, params)
+        tokenizer = self.tokenizers.of(lora)
+        prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_fits(prompt_ids, params, lora)
         if len(self.scheduler.waiting) >= self.settings.max_queue:
             raise CapacityError(f"the queue is full ({self.settings.max_queue} requests waiting)")
         seq = Sequence(request_id=request_id, prompt_ids=prompt_ids, params=params, adapter=lora, tenant=tenant,
                        prefix_key=prefix_cache_key(tenant, lora, self.num_layers) if self.prefix_caching else None)
-        self._requests[request_id] = _Tracked(seq, IncrementalDetokenizer(self.tokenizer, params.stop))
+        self._requests[request_id] = _Tracked(seq, IncrementalDetokenizer(tokenizer, params.stop))
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -247,7 +250,7 @@ class LLMEngine:
                 self.scheduler.name_computed_blocks(seq)
         prompt_logits = self._prompt_logits(seqs, prompt_chunks)
         finite = [ok and (seq not in prompt_logits or bool(torch.isfinite(prompt_logits[seq]).all()))
-                  for seq, ok in zip(seqs, torch.isfinite(logits).all(dim=-1).tolist())]
+                  for seq, ok in zip(seqs, self._finite_rows(logits, seqs))]
         served = [seq for seq, ok in zip(seqs, finite) if ok]
         outputs += [self._fail(seq, "the model produced non-finite logits for this request")
                     for seq, ok in zip(seqs, finite) if not ok]
@@ -393,17 +396,26 @@ class LLMEngine:
         except KeyError:
             raise UnknownAdapterError(f"unknown adapter {name!r}") from None
 
-    def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def _finite_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[bool]:
+        """Whether each row is finite over its own vocabulary (a batch with an adapter that resized the
+        vocabulary pads the other rows with -inf)."""
+        if logits.shape[-1] == self.runner.vocabulary:
+            return torch.isfinite(logits).all(dim=-1).tolist()
+        own = torch.tensor([self.runner.vocabulary_of(seq) for seq in seqs], device=logits.device)
+        past = torch.arange(logits.shape[-1], device=logits.device)[None, :] >= own[:, None]
+        return (torch.isfinite(logits) | past).all(dim=-1).tolist()
+
+    def _check_fits(self, prompt_ids: list[int], params: SamplingParams, lora: LoraAdapter | None = None) -> None:
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
-        outside = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
+        vocab = lora.vocabulary or self.vocab_size if lora is not None else self.vocab_size  # resized: more ids
+        outside = next((t for t in prompt_ids if not 0 <= t < vocab), None)
         if outside is not None:
-            raise InvalidRequestError(f"token id {outside} is outside the vocabulary [0, {self.vocab_size})",
-                                      param="prompt")
-        biased = next((t for t, _ in params.logit_bias if not 0 <= t < self.vocab_size), None)
+            raise InvalidRequestError(f"token id {outside} is outside the vocabulary [0, {vocab})", param="prompt")
+        biased = next((t for t, _ in params.logit_bias if not 0 <= t < vocab), None)
         if biased is not None:
-            raise InvalidRequestError(f"logit_bias names token id {biased}, outside the vocabulary "
-                                      f"[0, {self.vocab_size})", param="logit_bias")
+            raise InvalidRequestError(f"logit_bias names token id {biased}, outside the vocabulary [0, {vocab})",
+                                      param="logit_bias")
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_context:
             raise RequestTooLargeError(

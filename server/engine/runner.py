@@ -16,7 +16,7 @@ from server.engine.paged_decode import DecodeAttentionOp
 from server.engine.rope import PerSequenceRope
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
-from server.lora.layer import LoraBatch
+from server.lora.layer import LoraBatch, mask_past_vocabulary
 from server.lora.ops import Run, plan_runs
 from server.lora.slots import LoraSlotPool
 
@@ -46,6 +46,7 @@ class _Packed:
     chunks: list[ChunkWithHistory] = field(default_factory=list)
     decodes: list[tuple[int, Sequence]] = field(default_factory=list)
     keep: list[int] = field(default_factory=list)  # packed rows whose logits are computed
+    kept: list[Sequence] = field(default_factory=list)  # the sequence of each of them
     last_rows: list[int] = field(default_factory=list)  # of `keep`: each sampled sequence's last position
     prompt_rows: dict[Sequence, tuple[int, slice]] = field(default_factory=dict)  # first position, rows of keep
     sampled: list[Sequence] = field(default_factory=list)
@@ -66,6 +67,7 @@ class ModelRunner:
         self.mixed_merged_steps = 0  # on a merged copy, other adapters' tokens corrected by ±Δ
         self.ropes = [m for m in model.modules() if isinstance(m, PerSequenceRope)]  # LongRoPE models only
         self.decode_op: DecodeAttentionOp | None = None  # installed by the engine once built (paged_decode.py)
+        self.vocabulary = model.get_input_embeddings().num_embeddings  # the base's; adapters may resize it
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor, dict[Sequence, PromptChunk]]:
@@ -88,6 +90,7 @@ class ModelRunner:
             chunks=tuple(packed.chunks),
         )
         self._prepare_lora(seqs, [batch.num_new_tokens(seq) for seq in seqs], merged, packed.keep)
+        widest = self.lora_batch.vocabulary
         try:
             out = self.model(
                 input_ids=self._tensor(packed.tokens).unsqueeze(0),
@@ -102,9 +105,12 @@ class ModelRunner:
             seq.num_computed += batch.num_new_tokens(seq)
             seq.computed_length = seq.length
         logits = out.logits[0]
+        if widest:  # rows of adapters with a resized vocabulary are wider than the others
+            logits = mask_past_vocabulary(logits, self._tensor([self.vocabulary_of(seq) for seq in packed.kept]))
         if not packed.prompt_rows:
             return packed.sampled, logits, {}
-        prompt_chunks = {seq: PromptChunk(first, logits[rows]) for seq, (first, rows) in packed.prompt_rows.items()}
+        prompt_chunks = {seq: PromptChunk(first, logits[rows, :self.vocabulary_of(seq)])
+                         for seq, (first, rows) in packed.prompt_rows.items()}
         return packed.sampled, logits[self._tensor(packed.last_rows)], prompt_chunks
 
     def _pack(self, seqs: list[Sequence], batch: ScheduledBatch) -> "_Packed":
@@ -126,8 +132,10 @@ class ModelRunner:
             if seq.wants_prompt_logprobs:
                 packed.prompt_rows[seq] = (first, slice(len(packed.keep), len(packed.keep) + end - start))
                 packed.keep += range(start, end)
+                packed.kept += [seq] * (end - start)
             elif completes:
                 packed.keep.append(end - 1)
+                packed.kept.append(seq)
             if completes:
                 packed.last_rows.append(len(packed.keep) - 1)
                 packed.sampled.append(seq)
@@ -139,6 +147,10 @@ class ModelRunner:
         last = seq.num_computed + end - start
         return ChunkWithHistory(start, end, seq.num_computed, first_position,
                                 self._tensor([self._row(seq, p) for p in range(first_position, last)]))
+
+    def vocabulary_of(self, seq: Sequence) -> int:
+        """The token ids this sequence's model has: its adapter's resized vocabulary, or the base's."""
+        return seq.adapter.vocabulary or self.vocabulary if seq.adapter is not None else self.vocabulary
 
     def _slot_of(self, seq: Sequence) -> int:
         slot = self.slots.slot_of(seq.adapter_name) if seq.adapter is not None else None
@@ -189,6 +201,8 @@ class ModelRunner:
         plan = plan_runs(token_slots, LONG_RUN_MIN_TOKENS, self.device, subtract, self.slots.adapter_ranks,
                          fused_max_tokens=FUSED_MAX_TOKENS if self.lora_batch.fused_op is not None else 0)
         self.lora_batch.plan = plan if plan.has_lora else None
+        widest = max(self.vocabulary_of(seq) for seq in seqs)
+        self.lora_batch.vocabulary = widest if widest > self.vocabulary else 0
         if any(self.slots.needs_rows(seq.adapter_name) for seq in seqs if seq.adapter is not None):
             no_adapter_row = self.slots.num_slots
             rows = [no_adapter_row if s == NO_SLOT else s for s in token_slots]

@@ -16,9 +16,11 @@ import torch
 from safetensors import safe_open
 
 from server.errors import AdapterValidationError
-from server.lora.parts import ALIASES, BIAS_PARTS, COPY, KEY, TOKENS, expected_shapes, needed_parts, part_problem
+from server.lora.added_tokens import added_token_problems
+from server.lora.parts import (ALIASES, BIAS_PARTS, COPY, KEY, OWN, SAVED_AGAIN, TOKENS, expected_shapes, needed_parts,
+                               part_problem, vocabulary_rows)
 from server.lora.peft_config import LoraSpec, parse_lora_spec
-from server.lora.targets import EMBEDDING, HEAD, TargetModule
+from server.lora.targets import EMBEDDING, HEAD, LINEAR, TargetModule
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -37,7 +39,9 @@ class LoraModuleWeights:
     lora_b: torch.Tensor
     dora_scale: torch.Tensor | None  # g, (d_out,), only for DoRA
     bias: torch.Tensor | None = None  # (d_out,) added to the adapter's rows: trained bias - base bias + scale·lora_B.bias
-    copy: tuple[torch.Tensor, torch.Tensor | None] | None = None  # modules_to_save: (weight, bias), native layout
+    # modules_to_save, or an embedding's/head's own weights (save_embedding_layers): (weight, bias), native
+    # layout; it replaces the base's module for the adapter's rows (LoRA factors, token rows on top)
+    copy: tuple[torch.Tensor, torch.Tensor | None] | None = None
     tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # trainable tokens: (ids (n,), rows (n, d_out))
 
     @property
@@ -62,6 +66,9 @@ class LoraAdapter:
     name: str
     spec: LoraSpec
     modules: dict[str, LoraModuleWeights]
+    # Rows of the adapter's vocabulary when it resized the base's (its embedding and head copies have them);
+    # None: the base's vocabulary.
+    vocabulary: int | None = None
 
     @property
     def max_rank(self) -> int:
@@ -74,8 +81,10 @@ class LoraAdapter:
 
     @property
     def nbytes(self) -> int:
-        """Host bytes, full copies included: what the host cache and the slot pool account for."""
-        return sum(t.numel() * t.element_size() for w in self.modules.values() for t in w.tensors)
+        """Host bytes, full copies included: what the host cache and the slot pool account for (a tensor two
+        modules share, a tied head's copy, once)."""
+        unique = {id(t): t for w in self.modules.values() for t in w.tensors}
+        return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def load_lora_adapter(
@@ -91,34 +100,80 @@ def load_lora_adapter(
     spec = parse_lora_spec(_read_config(directory))
     tensors = _read_tensors(directory)
     grouped, problems = _group_by_module(tensors, spec, targets)
+    vocabulary = _adapter_vocabulary(grouped, targets)
     expected = {m for m, t in targets.items() if needed_parts(spec, t, m, set())}
     problems += [f"{m}: {_selected_by(spec, m)} but has no weights in {WEIGHTS_FILE}" for m in sorted(expected - grouped.keys())]
     if not grouped and not problems:
         problems.append(f"{WEIGHTS_FILE}: holds no LoRA weights")
     modules = {}
     for module_name, parts in sorted(grouped.items()):
-        module_problems = _check_module(module_name, parts, spec, targets[module_name], max_rank)
+        module_problems = _check_module(module_name, parts, spec, targets[module_name], max_rank, vocabulary)
         problems += module_problems
         if not module_problems:
             folded = _fold(parts, spec, module_name, targets[module_name], dtype)
             problems += _overflow_problems(module_name, folded)
             modules[module_name] = folded
+    modules.update(_tied_head(modules, targets, spec))
+    base_vocabulary = _base_vocabulary(targets)
+    if not problems and vocabulary > base_vocabulary:
+        problems += _resized_problems(modules, targets, vocabulary, base_vocabulary)
+    problems += added_token_problems(spec.added_tokens, vocabulary, base_vocabulary)
     if problems:
         raise AdapterValidationError(problems)
-    return LoraAdapter(name=name, spec=spec, modules={**modules, **_tied_head_tokens(modules, targets)})
+    return LoraAdapter(name=name, spec=spec, modules=modules,
+                       vocabulary=vocabulary if vocabulary > base_vocabulary else None)
 
 
-def _tied_head_tokens(modules: dict[str, LoraModuleWeights], targets: dict[str, TargetModule]
-                      ) -> dict[str, LoraModuleWeights]:
-    """PEFT's trainable tokens on an embedding the output head is tied to change the head's rows too."""
+def _tied_head(modules: dict[str, LoraModuleWeights], targets: dict[str, TargetModule], spec: LoraSpec
+               ) -> dict[str, LoraModuleWeights]:
+    """An output head tied to the input embedding follows what the adapter did to the embedding's own
+    weights: PEFT's trainable tokens change the head's rows too, and save_embedding_layers' weights (not a
+    modules_to_save copy, which leaves the tie behind) are the head's weights as well."""
     head = next((t for t in targets.values() if t.kind == HEAD), None)
     for name, weights in modules.items():
         tied = head is not None and head.module.weight is targets[name].module.weight
-        if weights.tokens is not None and targets[name].kind == EMBEDDING and tied and head.name not in modules:
+        if targets[name].kind != EMBEDDING or not tied or head.name in modules:
+            continue
+        copy = (weights.copy[0], None) if weights.copy is not None and not spec.saves(name) else None
+        if weights.tokens is not None or copy is not None:
             dtype = weights.lora_a.dtype
             no_factors = (torch.zeros(0, head.in_features, dtype=dtype), torch.zeros(head.out_features, 0, dtype=dtype))
-            return {head.name: LoraModuleWeights(*no_factors, None, tokens=weights.tokens)}
+            return {head.name: LoraModuleWeights(*no_factors, None, copy=copy, tokens=weights.tokens)}
     return {}
+
+
+def _base_vocabulary(targets: dict[str, TargetModule]) -> int:
+    """The base's vocabulary: the input embedding's rows (or the head's, when the embedding is no target)."""
+    sizes = [t.in_features if t.kind == EMBEDDING else t.out_features for t in targets.values() if t.kind != LINEAR]
+    return max(sizes, default=0)
+
+
+def _adapter_vocabulary(grouped: dict[str, dict[str, torch.Tensor]], targets: dict[str, TargetModule]) -> int:
+    """The largest vocabulary any part of the embedding or the head was made for, or the base's. Parts of
+    another size than the result are then refused by their shape."""
+    sizes = [vocabulary_rows(targets[module], part, tuple(tensor.shape))
+             for module, parts in grouped.items() for part, tensor in parts.items()]
+    return max([s for s in sizes if s is not None] + [_base_vocabulary(targets)])
+
+
+def _resized_problems(modules: dict[str, LoraModuleWeights], targets: dict[str, TargetModule], vocabulary: int,
+                      base_vocabulary: int) -> list[str]:
+    """A vocabulary larger than the base's is served only when both the input embedding and the output
+    head have the new rows: a full copy of each (modules_to_save, or save_embedding_layers' weights)."""
+    problems = []
+    for target in targets.values():
+        if target.kind == LINEAR:
+            continue
+        weights = modules.get(target.name)
+        if weights is None or weights.copy is None:
+            problems.append(
+                f"{target.name}: the adapter's vocabulary has {vocabulary} rows, the base's {base_vocabulary}; "
+                f"{target.name} needs the new rows too: a full copy of {vocabulary} rows (modules_to_save, or "
+                "save_pretrained(save_embedding_layers=True)); adapters with a resized vocabulary are served only so")
+        elif target.kind == HEAD and weights.copy[1] is None and getattr(target.module, "bias", None) is not None:
+            problems.append(f"{target.name}: the base's head has a bias of {base_vocabulary} entries; a head of "
+                            f"{vocabulary} rows needs its own (list {target.name} in modules_to_save)")
+    return problems
 
 
 def _selected_by(spec: LoraSpec, module: str) -> str:
@@ -189,7 +244,7 @@ def _group_by_module(
 
 
 def _check_module(
-    module: str, parts: dict[str, torch.Tensor], spec: LoraSpec, target: TargetModule, max_rank: int
+    module: str, parts: dict[str, torch.Tensor], spec: LoraSpec, target: TargetModule, max_rank: int, vocabulary: int
 ) -> list[str]:
     problems = [f"{module}: missing {p}" for p in needed_parts(spec, target, module, set(parts)) if p not in parts]
     if not spec.use_dora and "lora_magnitude_vector" in parts:
@@ -197,29 +252,25 @@ def _check_module(
     if problems:
         return problems
     rank = spec.rank_for(module)
-    expected = expected_shapes(spec, target, module)
+    expected = expected_shapes(spec, target, module, vocabulary)
     for part, tensor in parts.items():
         if tuple(tensor.shape) != expected[part]:
-            problems.append(_shape_problem(module, part, tuple(tensor.shape), expected[part], target, rank))
+            problems.append(f"{module}.{part}: shape {tuple(tensor.shape)}, expected {expected[part]} (r={rank}"
+                            + (f", vocabulary {vocabulary})" if target.kind != LINEAR else ")"))
         if tensor.dtype not in _ALLOWED_DTYPES:
             problems.append(f"{module}.{part}: dtype {tensor.dtype} not allowed (float32, float16, bfloat16)")
         elif not torch.isfinite(tensor).all():
             problems.append(f"{module}.{part}: contains NaN or Inf")
-    vocabulary = target.in_features if target.kind == EMBEDDING else None
+    if SAVED_AGAIN in parts and not problems and not torch.equal(parts[SAVED_AGAIN], parts[COPY]):
+        problems.append(f"{module}.{SAVED_AGAIN}: differs from {module}.{COPY} (two different copies of one module)")
+    if COPY in parts and OWN in parts:
+        problems.append(f"{module}: both {COPY} and {OWN} (two replacements of one module's weights)")
     indices = spec.token_indices(module, target.kind == EMBEDDING) or []
-    if vocabulary is not None and any(not 0 <= i < vocabulary for i in indices):
+    if target.kind == EMBEDDING and any(not 0 <= i < vocabulary for i in indices):
         problems.append(f"trainable_token_indices: {module} has {vocabulary} rows; indices must be below that")
     if "lora_A.weight" in parts and rank > max_rank:
         problems.append(f"{module}: rank {rank} exceeds the server's max_lora_rank {max_rank}")
     return problems
-
-
-def _shape_problem(module: str, part: str, got: tuple, expected: tuple, target: TargetModule, rank: int) -> str:
-    rows_are_vocabulary = part == COPY and target.kind in (EMBEDDING, HEAD)
-    if rows_are_vocabulary and len(got) == 2 and got[1:] == expected[1:] and got[0] > expected[0]:
-        return (f"modules_to_save {module}: {got[0]} rows, the base's vocabulary has {expected[0]}: adapters with a "
-                "resized vocabulary are not served")
-    return f"{module}.{part}: shape {got}, expected {expected} (r={rank})"
 
 
 def _overflow_problems(module: str, weights: LoraModuleWeights) -> list[str]:
@@ -243,7 +294,7 @@ def _fold(
         dora_scale = parts["lora_magnitude_vector"].float() / norm
         b = b * dora_scale[:, None]
         dora_scale = dora_scale.to(dtype)
-    copy = (parts[COPY].to(dtype), parts["bias"].to(dtype) if "bias" in parts else None) if spec.saves(module) else None
+    copy = _copy(parts, spec.saves(module), target, dtype)
     tokens = None
     if TOKENS in parts:
         ids = torch.tensor(spec.token_indices(module, target.kind == EMBEDDING), dtype=torch.long)
@@ -251,6 +302,16 @@ def _fold(
     return LoraModuleWeights(lora_a=a.to(dtype).contiguous(), lora_b=b.to(dtype).contiguous(), dora_scale=dora_scale,
                              bias=None if copy else _bias_delta(parts, spec.scale_for(module), target, dtype),
                              copy=copy, tokens=tokens)
+
+
+def _copy(parts: dict[str, torch.Tensor], saved: bool, target: TargetModule, dtype: torch.dtype
+          ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """modules_to_save's copy with its bias, or an embedding's/head's own weights with the base's bias."""
+    weight = parts.get(COPY, parts.get(OWN))
+    if weight is None:
+        return None
+    bias = parts.get("bias") if saved else getattr(target.module, "bias", None)
+    return weight.to(dtype), None if bias is None else bias.detach().to(dtype)
 
 
 def _bias_delta(parts: dict[str, torch.Tensor], scale: float, target: TargetModule, dtype: torch.dtype

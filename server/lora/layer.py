@@ -22,6 +22,8 @@ class LoraBatch:
                none), set only when an adapter of the batch has either or weights served slot by slot.
     head_rows: the same for the rows the output head sees (the positions whose logits are kept).
     merged:    module name -> merged weight (native layout) the whole batch runs on instead of the base.
+    vocabulary: the widest vocabulary of the step when an adapter resized the base's (0: the base's): the
+               output head then gives that many logits per row, -inf beyond each row's own vocabulary.
     fused_op:  the fused CPU op for plans that carry few tokens (set once by the engine; None: torch path).
     """
 
@@ -29,10 +31,11 @@ class LoraBatch:
     slot_rows: torch.Tensor | None = None
     head_rows: torch.Tensor | None = None
     merged: dict[str, torch.Tensor] = field(default_factory=dict)
+    vocabulary: int = 0
     fused_op: LoraTokensOp | None = None
 
     def clear(self) -> None:
-        self.plan, self.slot_rows, self.head_rows, self.merged = None, None, None, {}
+        self.plan, self.slot_rows, self.head_rows, self.merged, self.vocabulary = None, None, None, {}, 0
 
 
 class LoraLinear(nn.Module):
@@ -82,17 +85,20 @@ class LoraLinear(nn.Module):
         if slots is not None and slots.stacked and batch.plan is not None:
             add_lora(out, flat, slots.lora_a, slots.lora_b, slots.slot_ranks, batch.plan, batch.fused_op,
                      slots.rank_tensor)
+        if self.is_head and batch.vocabulary > out.shape[1]:
+            out = widen(out, batch.vocabulary)
         if rows is not None and slots.per_slot:
             for slot, index in slot_indices(rows, slots.per_slot):
-                out.index_copy_(0, index, self._per_slot(flat.index_select(0, index), out.index_select(0, index),
-                                                         slots.per_slot[slot]))
-        return out.view(*x.shape[:-1], self.out_features)
+                rows_out = self._per_slot(flat.index_select(0, index), out.index_select(0, index), slots.per_slot[slot])
+                out.index_copy_(0, index, widen(rows_out, out.shape[1]))
+        return out.view(*x.shape[:-1], out.shape[1])
 
     def _per_slot(self, x: torch.Tensor, out: torch.Tensor, weights: LoraModuleWeights) -> torch.Tensor:
-        """One adapter's rows: through its full copy, or plus its low-rank delta; then its token columns."""
+        """One adapter's rows: through its full copy (a head's may have more vocabulary rows than the base's)
+        and/or plus its low-rank delta; then its token columns."""
         if weights.copy is not None:
             out = self._matmul(x, *weights.copy)
-        elif weights.rank:
+        if weights.rank:
             out = out + (x @ weights.lora_a.T) @ weights.lora_b.T
         if weights.tokens is not None:  # trainable tokens on a head: those vocabulary columns are new
             ids, values = weights.tokens
@@ -129,7 +135,8 @@ class LoraEmbedding(nn.Module):
         return self.base_layer.embedding_dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(ids)
+        # Ids past the base's rows belong to adapters with a resized vocabulary, whose copy replaces the row.
+        out = self.base_layer(ids.clamp_max(self.num_embeddings - 1) if self._batch.vocabulary else ids)
         slots = self._pool.modules.get(self.module_name)
         rows = self._batch.slot_rows
         if slots is None or rows is None or not slots.per_slot:
@@ -144,7 +151,7 @@ class LoraEmbedding(nn.Module):
 def _embed(ids: torch.Tensor, rows: torch.Tensor, weights: LoraModuleWeights) -> torch.Tensor:
     if weights.copy is not None:
         rows = nn.functional.embedding(ids, weights.copy[0])
-    elif weights.rank:
+    if weights.rank:
         rows = rows + weights.lora_a.T.index_select(0, ids) @ weights.lora_b.T
     if weights.tokens is not None:
         trained, values = weights.tokens
@@ -152,6 +159,19 @@ def _embed(ids: torch.Tensor, rows: torch.Tensor, weights: LoraModuleWeights) ->
         hit = match.any(dim=1)
         rows = torch.where(hit[:, None], values.index_select(0, match.int().argmax(dim=1)), rows)
     return rows
+
+
+def widen(logits: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows of logits padded with -inf to `width` columns: tokens past a row's vocabulary are never chosen."""
+    missing = width - logits.shape[1]
+    return logits if missing == 0 else nn.functional.pad(logits, (0, missing), value=float("-inf"))
+
+
+def mask_past_vocabulary(logits: torch.Tensor, vocabularies: torch.Tensor) -> torch.Tensor:
+    """-inf past each row's own vocabulary (rows (N, width), vocabularies (N,)), again after the model's own
+    processing of the logits (a soft cap makes -inf finite)."""
+    past = torch.arange(logits.shape[-1], device=logits.device)[None, :] >= vocabularies[:, None]
+    return logits.masked_fill(past, float("-inf"))
 
 
 def slot_indices(rows: torch.Tensor, held: dict[int, object]) -> list[tuple[int, torch.Tensor]]:

@@ -48,6 +48,8 @@ class LoraSpec(BaseModel):
     modules_to_save: list[str] | None = None
     # Rows of an embedding the adapter replaces: a list for the input embedding, or {module: indices}.
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    # loraserve's key, not PEFT's: names of the new token ids of a resized vocabulary (server/lora/added_tokens.py)
+    added_tokens: dict[str, int] | None = None
 
     def saves(self, module_name: str) -> bool:
         """Whether the adapter holds a full copy of this module (PEFT's modules_to_save match)."""
