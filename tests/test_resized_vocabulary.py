@@ -185,6 +185,19 @@ def test_uploaded_over_http_and_served_through_the_tiers(llama_dir, form_dirs, e
             body = {"model": model, "prompt": PROMPTS[2], "max_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}
             response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
             texts.append((model, response.status_code, response.json()))
+        tokenized = httpx.post(f"{server.url}/tokenize", json={"model": "copies", "prompt": "<|tool|>",
+                                                                "add_special_tokens": False}).json()
+        detokenized = [httpx.post(f"{server.url}/detokenize", json={"model": m, "tokens": [VOCAB, VOCAB + 2]})
+                       for m in ("copies", "base")]
+        body = {"model": "copies", "prompt": PROMPTS[2], "max_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True,
+                "logprobs": 2, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as stream:
+            events = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {")]
+    assert tokenized["tokens"] == [VOCAB]
+    assert detokenized[0].json()["prompt"] == "<|tool|>" + placeholder(VOCAB + 2) and detokenized[1].status_code == 400
+    streamed = [t for e in events for t in e["choices"][0]["logprobs"]["tokens"]]
+    copies = engine.generate([PROMPTS[2]], GREEDY, ["saved_copies"])[0]
+    assert streamed == [engine.tokenizers.of(engine.adapters["saved_copies"]).decode([t]) for t in copies.token_ids]
     assert texts[-1][1] == 400 and f"token id {VOCAB}" in texts[-1][2]["error"]["message"]
     for model, status, answer in texts[:-1]:
         local = {"copies": "saved_copies", served: name}.get(model, model)
@@ -255,6 +268,8 @@ def test_a_tied_head_takes_the_embeddings_own_rows(tmp_path):
     names, prompts = [None, "tied", "tied"], [PROMPTS[0], PROMPTS[0], PROMPTS[2]]
     outputs = engine.generate(prompts, GREEDY, names)
     assert max(outputs[1].token_ids + outputs[2].token_ids) >= VOCAB
+    copy_bytes = adapter.modules["lm_head"].copy[0].numel() * 4  # held once, on the host and in the slot
+    assert copy_bytes < adapter.nbytes < 2 * copy_bytes and copy_bytes < engine.slots.per_slot_bytes < 2 * copy_bytes
     for prompt, name, got in zip(prompts, names, outputs):
         assert got.token_ids == reference_greedy(base if name else tied_dir, prompt, MAX_NEW, directory if name else None)
 

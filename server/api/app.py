@@ -29,6 +29,7 @@ from server.engine.model_loader import base_footprint
 from server.engine.torch_threads import engine_threads, use_one_thread
 from server.experiments.service import ExperimentService
 from server.experiments.store import ExperimentStore
+from server.lora.added_tokens import AdapterTokenizers
 from server.registry.catalogue import Catalogue
 from server.registry.namespace import Namespace
 from server.registry.registry import AdapterRegistry, validator_for
@@ -73,6 +74,7 @@ def build_state(settings: Settings, threads: int | None = None) -> AppState:
         database=database,
         engine=runner,
         tokenizer=engine.tokenizer,
+        tokenizers=AdapterTokenizers(engine.tokenizer),
         registry=registry,
         models=ModelResolver(base_name, registry, metrics, created=int(time.time()), experiments=experiments,
                              access=access, footprint=footprint),

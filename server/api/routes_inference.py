@@ -130,7 +130,7 @@ def _usage(choices: list[_Choice], n: int) -> dict:
 
 async def _run(request: Request, state: AppState, body, prompts: list, params: SamplingParams, n: int,
                endpoint: str, tokens: int,
-               to_chunks: Callable[[AsyncIterator[ChoiceOutput]], AsyncIterator[str]]):
+               to_chunks: Callable[[AsyncIterator[ChoiceOutput], fmt.LogprobFormatter], AsyncIterator[str]]):
     """Admit against the tenant's limits, resolve `model`, run every choice: a streamed request gets its
     StreamingResponse, others their collected choices; each with the resolved target.
 
@@ -144,12 +144,17 @@ async def _run(request: Request, state: AppState, body, prompts: list, params: S
         request.state.metrics_label = target.label
         outputs = await state.inference.run(prompts, params, n, target, endpoint, caller(request).tenant)
         if body.stream:
-            streaming = _streaming(to_chunks(outputs), release, _variant_header(target))
+            streaming = _streaming(to_chunks(outputs, _formatter(state, target)), release, _variant_header(target))
             return streaming, target
         return await _collect(outputs, len(prompts) * n), target
     finally:
         if streaming is None:
             release()
+
+
+def _formatter(state: AppState, target: Target) -> fmt.LogprobFormatter:
+    """Token strings from the target's tokenizer (an adapter with a resized vocabulary names its new ids)."""
+    return fmt.LogprobFormatter(state.tokenizers.of(target.adapter))
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -180,13 +185,14 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
     response_id = f"cmpl-{request.state.request_id}"
     generated, target = await _run(
         request, state, body, prompts, params, best_of, "completions", params.max_tokens * best_of * len(prompts),
-        lambda outputs: _completion_chunks(state, outputs, response_id, body, len(prompts) * body.n, echo))
+        lambda outputs, formatter: _completion_chunks(outputs, formatter, response_id, body, len(prompts) * body.n,
+                                                      echo))
     if isinstance(generated, StreamingResponse):
         return generated
     response.headers.update(_variant_header(target))
     if body.token_limit() == 0:
         generated = [replace(c, text="", logprobs=[], completion_tokens=0, finish_reason="length") for c in generated]
-    formatter = fmt.LogprobFormatter(state.tokenizer)
+    formatter = _formatter(state, target)
     return fmt.envelope(response_id, "text_completion", body.model, [
         _completion_choice(i, c.text, c.logprobs, c.prompt_logprobs, c.finish_reason, body, formatter,
                            echo.prompt(i // body.n) if echo else None, 0)
@@ -245,10 +251,9 @@ def _best_of(body: CompletionRequest) -> int:
     return best_of
 
 
-async def _completion_chunks(state: AppState, outputs: AsyncIterator[ChoiceOutput], response_id: str,
+async def _completion_chunks(outputs: AsyncIterator[ChoiceOutput], formatter: fmt.LogprobFormatter, response_id: str,
                              body: CompletionRequest, count: int, echo: _Echo | None) -> AsyncIterator[str]:
     choices = [_Choice() for _ in range(count)]
-    formatter = fmt.LogprobFormatter(state.tokenizer)
     prompt_only = body.token_limit() == 0  # the one token sampled is not returned
     async for item in outputs:
         out, choice = item.output, choices[item.index]
@@ -280,11 +285,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
     prompt = chat_prompt(state.tokenizer, body.messages, definitions)
     response_id = f"chatcmpl-{request.state.request_id}"
     choices, target = await _run(request, state, body, [prompt], params, body.n, "chat", max_tokens * body.n,
-                                 lambda outputs: _chat_chunks(state, outputs, response_id, body))
+                                 lambda outputs, formatter: _chat_chunks(outputs, formatter, response_id, body))
     if isinstance(choices, StreamingResponse):
         return choices
     response.headers.update(_variant_header(target))
-    logprobs = fmt.LogprobFormatter(state.tokenizer)
+    logprobs = _formatter(state, target)
     return fmt.envelope(response_id, "chat.completion", body.model, [
         {"index": i, **_chat_message(c, body), "logprobs": logprobs.chat(c.logprobs) if body.logprobs else None}
         for i, c in enumerate(choices)
@@ -322,13 +327,12 @@ def _finish_with_calls(finish_reason: str | None) -> str | None:
     return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
-async def _chat_chunks(state: AppState, outputs: AsyncIterator[ChoiceOutput], response_id: str,
+async def _chat_chunks(outputs: AsyncIterator[ChoiceOutput], logprobs: fmt.LogprobFormatter, response_id: str,
                        body: ChatCompletionRequest) -> AsyncIterator[str]:
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
         return fmt.sse(fmt.envelope(response_id, "chat.completion.chunk", body.model, choices, usage))
 
     choices = [_Choice() for _ in range(body.n)]
-    logprobs = fmt.LogprobFormatter(state.tokenizer)
     names = _tool_names(body)
     eager = body.tool_mode() in ("required", "named")  # the grammar makes every block a call
     parsers = [tools.ToolCallParser(names, eager) for _ in range(body.n)] if names is not None else None

@@ -13,6 +13,7 @@ from server.api.model_resolver import ModelResolver
 from server.config import Settings
 from server.db import Database
 from server.engine.async_engine import AsyncEngine
+from server.lora.added_tokens import AdapterTokenizers
 from server.experiments.service import ExperimentService
 from server.registry.registry import AdapterRegistry
 from server.tenancy.audit import AuditLog
@@ -29,6 +30,7 @@ class AppState:
     database: Database
     engine: AsyncEngine
     tokenizer: PreTrainedTokenizerBase
+    tokenizers: AdapterTokenizers  # the base's, or an adapter's that resized the vocabulary (event loop only)
     registry: AdapterRegistry
     models: ModelResolver
     inference: InferenceService

@@ -48,11 +48,12 @@ class ModuleSlots:
         self.rank_tensor = torch.zeros(num_slots, dtype=torch.long)  # the same, for the fused CPU op
 
     @property
-    def per_slot_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for w in self.per_slot.values() for t in w.tensors)
+    def per_slot_tensors(self) -> list[torch.Tensor]:
+        return [t for w in self.per_slot.values() for t in w.tensors]
 
-    def write(self, slot: int, weights: LoraModuleWeights | None) -> None:
-        """Put one adapter's weights for this module in `slot` (None: the adapter leaves it alone)."""
+    def write(self, slot: int, weights: LoraModuleWeights | None, moved: dict[int, torch.Tensor] | None = None) -> None:
+        """Put one adapter's weights for this module in `slot` (None: the adapter leaves it alone); `moved`
+        holds the adapter's tensors already on the device (a tied head shares the embedding's copy)."""
         self._clear(slot)
         if weights is None:
             return
@@ -61,7 +62,7 @@ class ModuleSlots:
         if weights.bias is not None:
             self._bias_buffer()[slot].copy_(weights.bias)
         if not self.stacked or weights.per_token:
-            self.per_slot[slot] = _to_device(weights, self._device)
+            self.per_slot[slot] = _to_device(weights, self._device, {} if moved is None else moved)
         if self.stacked:
             rank = weights.rank
             self.lora_a[slot, :rank].copy_(weights.lora_a)
@@ -104,9 +105,11 @@ class ModuleSlots:
         self.rank_tensor[slot] = rank
 
 
-def _to_device(weights: LoraModuleWeights, device: torch.device) -> LoraModuleWeights:
+def _to_device(weights: LoraModuleWeights, device: torch.device, moved: dict[int, torch.Tensor]) -> LoraModuleWeights:
     def move(t):
-        return None if t is None else t.to(device)
+        if t is not None and id(t) not in moved:
+            moved[id(t)] = t.to(device)
+        return None if t is None else moved[id(t)]
 
     return replace(weights, lora_a=move(weights.lora_a), lora_b=move(weights.lora_b), dora_scale=None, bias=None,
                    copy=tuple(map(move, weights.copy)) if weights.copy else None,
@@ -150,7 +153,8 @@ class LoraSlotPool:
     @property
     def per_slot_bytes(self) -> int:
         """Bytes of weights held slot by slot (full copies, head and embedding factors, token rows)."""
-        return sum(module.per_slot_bytes for module in self.modules.values())
+        unique = {t.data_ptr(): t for module in self.modules.values() for t in module.per_slot_tensors}
+        return sum(t.numel() * t.element_size() for t in unique.values())
 
     @property
     def resident(self) -> list[str]:
@@ -197,8 +201,9 @@ class LoraSlotPool:
         for name in adapter.modules.keys() - self.modules.keys():
             self.modules[name] = ModuleSlots(self._targets[name], *self._buffer_args)
         slot = self._place(adapter.max_rank)
+        moved: dict[int, torch.Tensor] = {}
         for name, module in self.modules.items():
-            module.write(slot, adapter.modules.get(name))
+            module.write(slot, adapter.modules.get(name), moved)
         self._resident[adapter.name] = slot
         self.adapter_ranks[slot] = adapter.max_rank
         if any(w.dora_scale is not None for w in adapter.modules.values()):
