@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     # Adapters on the device
     max_loras: int = Field(32, ge=1, description="Adapter slots on the device (adapters in one batch).")
     max_lora_rank: int = Field(64, ge=1, description="Largest rank accepted; slots are padded to it.")
+    slot_copy_memory: ByteSize = Field(
+        ByteSize(4 * 1024**3), description="Bytes the adapters in slots may hold slot by slot (full module copies, "
+        "resized vocabularies, head and embedding factors); idle ones are evicted to make room; 0 = no limit.")
 
     # Batching and the KV cache
     max_num_seqs: int = Field(64, ge=1, description="Sequences in the running batch at most.")

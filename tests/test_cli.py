@@ -23,6 +23,7 @@ FLAGS: dict[str, tuple[list[str], object]] = {
     "quantization": (["--quantization", "bnb-nf4"], "bnb-nf4"),
     "max_loras": (["--max-loras", "8"], 8),
     "max_lora_rank": (["--max-lora-rank", "16"], 16),
+    "slot_copy_memory": (["--slot-copy-memory", "1MiB"], 1024**2),
     "max_num_seqs": (["--max-num-seqs", "4"], 4),
     "torch_threads": (["--torch-threads", "2"], 2),
     "cpu_kernel": (["--no-cpu-kernel"], False),

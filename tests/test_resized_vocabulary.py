@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from server.config import Settings
 from server.engine.sequence import SamplingParams
-from server.errors import AdapterValidationError
+from server.errors import AdapterValidationError, InvalidRequestError
 from server.lora.adapter import CONFIG_FILE, WEIGHTS_FILE
 from server.lora.added_tokens import placeholder
 from tests.conftest import reference_greedy
@@ -163,8 +163,6 @@ def test_new_tokens_are_text_named_by_the_adapter_or_a_placeholder(engine):
 
 
 def test_a_prompt_with_new_ids_is_refused_for_models_without_them(engine):
-    from server.errors import InvalidRequestError
-
     for name in (None, "other", "replaced"):
         with pytest.raises(InvalidRequestError, match=f"token id {WIDE - 1} is outside the vocabulary"):
             engine.generate([[5, WIDE - 1]], GREEDY, [name])
@@ -287,3 +285,23 @@ def test_on_an_nf4_base_equal_peft_on_the_same_quantized_model(llama_dir, resize
         base = resized_dirs[FORMS[name]["vocabulary"]] if name else llama_dir
         expected = _peft_decided(base, "bnb-nf4", PROMPTS[2 if name else 0], form_dirs[name] if name else None)
         assert _agrees(got.token_ids, expected), name
+
+
+def test_copies_count_against_the_slot_budget(llama_dir, form_dirs, engine):
+    """Two resized adapters whose copies do not fit the budget together take turns in the slots (outputs
+    unchanged); one whose copies alone exceed it is refused, naming the setting."""
+    sizes = [engine.slots.slot_bytes(engine.adapters[name]) for name in ("saved_copies", "own_weights")]
+    budget = max(sizes) + 1024
+    assert sum(sizes) > budget
+    small = make_engine(llama_dir, max_loras=8, slot_copy_memory=budget)
+    for name in ("saved_copies", "own_weights"):
+        small.load_adapter(name, form_dirs[name])
+    small.add_adapter(engine.adapters["other"])
+    names = ["saved_copies", "own_weights", "other", None]
+    outputs = small.generate([PROMPTS[0]] * 4, GREEDY, names)
+    assert [o.token_ids for o in outputs] == [_alone(engine, PROMPTS[0], name) for name in names]
+    assert small.slots.per_slot_bytes <= budget and small.slots.evictions >= 1
+    tiny = make_engine(llama_dir, max_loras=8, slot_copy_memory=sizes[0] // 2)
+    tiny.load_adapter("saved_copies", form_dirs["saved_copies"])
+    with pytest.raises(InvalidRequestError, match=r"adapter 'saved_copies' holds \d+ bytes.*slot_copy_memory"):
+        tiny.generate([PROMPTS[0]], GREEDY, ["saved_copies"])

@@ -99,7 +99,8 @@ class LLMEngine:
         self.max_context = max_context(model)
         self.vocab_size = model.get_input_embeddings().num_embeddings  # token ids a prompt may hold
         self.targets = find_target_modules(model)
-        self.slots = LoraSlotPool(self.targets, settings.max_loras, settings.max_lora_rank, self.dtype, self.device)
+        self.slots = LoraSlotPool(self.targets, settings.max_loras, settings.max_lora_rank, self.dtype, self.device,
+                                  int(settings.slot_copy_memory))
         lora_batch = LoraBatch()
         # The fused CPU LoRA op and the paged decode attention op are built (or loaded from the cache) off
         # this thread; steps use the torch paths until they are installed between two steps.
@@ -207,6 +208,10 @@ class LLMEngine:
         lora = self._adapter(adapter) if isinstance(adapter, str) else adapter
         if lora is not None and lora.name in self.retiring:
             raise UnknownAdapterError(f"adapter {lora.name!r} was deleted")
+        if lora is not None and not self.slots.fits(lora):
+            raise InvalidRequestError(f"adapter {lora.name!r} holds {self.slots.slot_bytes(lora)} bytes of full copies "
+                                      f"and head/embedding weights, more than slot_copy_memory "
+                                      f"({self.slots.per_slot_budget})", param="model")
         tokenizer = self.tokenizers.of(lora)
         prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_fits(prompt_ids, params, lora)

@@ -120,8 +120,12 @@ class LoraSlotPool:
     """Which adapter sits in which slot, who is using it, and which to evict."""
 
     def __init__(self, targets: dict[str, TargetModule], num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, per_slot_budget: int = 0):
         self.num_slots = num_slots
+        # Bytes of weights held slot by slot (full copies above all) the residents may hold together; 0: no
+        # limit. Idle residents are evicted to make room, as for a slot.
+        self.per_slot_budget = per_slot_budget
+        self._per_slot_bytes: dict[str, int] = {}  # resident adapter -> its bytes held slot by slot
         self._targets = targets
         self._buffer_args = (num_slots, max_rank, dtype, device)
         # Buffers exist only for modules some adapter has adapted: all-linear buffers for every slot
@@ -163,12 +167,28 @@ class LoraSlotPool:
     def can_acquire(self, name: str) -> bool:
         return name in self._resident or len(self._resident) < self.num_slots or self._evictable() is not None
 
+    def fits(self, adapter: LoraAdapter) -> bool:
+        """Whether the adapter's weights held slot by slot fit the budget at all (with every slot empty)."""
+        return not self.per_slot_budget or self.slot_bytes(adapter) <= self.per_slot_budget
+
+    def slot_bytes(self, adapter: LoraAdapter) -> int:
+        """The bytes the adapter holds slot by slot once resident: its full copies, token rows, and the head's
+        and embedding's factors (a tensor two modules share, once)."""
+        held = [w for m, w in adapter.modules.items() if self._targets[m].kind != LINEAR or w.per_token]
+        unique = {id(t): t for w in held for t in (w.lora_a, w.lora_b, *(w.copy or ()), *(w.tokens or ()))
+                  if t is not None}
+        return sum(t.numel() * t.element_size() for t in unique.values())
+
     def acquire(self, adapter: LoraAdapter) -> int | None:
-        """A slot holding `adapter`, loading it (and evicting an idle resident) if needed; None if all busy."""
+        """A slot holding `adapter`, loading it (and evicting idle residents for a slot and for the bytes it
+        holds slot by slot) if needed; None if the residents in use leave no room."""
         if adapter.name not in self._resident:
-            if len(self._resident) == self.num_slots and not self._evict_one():
-                return None
+            need = self.slot_bytes(adapter)
+            while len(self._resident) == self.num_slots or self._over_budget(need):
+                if not self._evict_one():
+                    return None
             self._load(adapter)
+            self._per_slot_bytes[adapter.name] = need
         self._resident.move_to_end(adapter.name)
         self._users[adapter.name] += 1
         return self._resident[adapter.name]
@@ -184,6 +204,9 @@ class LoraSlotPool:
             return False
         self._clear(name)
         return True
+
+    def _over_budget(self, need: int) -> bool:
+        return bool(self.per_slot_budget) and sum(self._per_slot_bytes.values()) + need > self.per_slot_budget
 
     def _evict_one(self) -> bool:
         victim = self._evictable()
@@ -215,6 +238,7 @@ class LoraSlotPool:
 
     def _clear(self, name: str) -> None:
         slot = self._resident.pop(name)
+        self._per_slot_bytes.pop(name, None)
         for module in self.modules.values():
             module.write(slot, None)
         self.adapter_ranks[slot] = FREE
