@@ -170,7 +170,7 @@ def _resized_problems(modules: dict[str, LoraModuleWeights], targets: dict[str, 
                 f"{target.name}: the adapter's vocabulary has {vocabulary} rows, the base's {base_vocabulary}; "
                 f"{target.name} needs the new rows too: a full copy of {vocabulary} rows (modules_to_save, or "
                 "save_pretrained(save_embedding_layers=True)); adapters with a resized vocabulary are served only so")
-        elif target.kind == HEAD and weights.copy[1] is None and getattr(target.module, "bias", None) is not None:
+        elif weights.copy[1] is not None and weights.copy[1].shape[0] != vocabulary:
             problems.append(f"{target.name}: the base's head has a bias of {base_vocabulary} entries; a head of "
                             f"{vocabulary} rows needs its own (list {target.name} in modules_to_save)")
     return problems
