@@ -2,16 +2,19 @@
 
 1. The cost of Ray: the same streaming workload (a random Llama, 8 adapters, concurrent greedy requests)
    against `loraserve serve` alone and against `loraserve cluster` with 1 replica, rounds interleaved;
-   tokens/s of the cluster over the single server (goal >= 0.9).
-2. Affinity on a real cluster: 2 replicas of 4 and of 16 slots, 40 adapters under Zipf traffic, 8 requests
+   tokens/s of the cluster over the single server (goal >= 0.9), and the CPU seconds each process took
+   in the best round of each (the Ray processes share the cores with the engine).
+2. Affinity on a real cluster: 2 replicas of 4, 8 and 16 slots, 40 adapters under Zipf traffic, 8 requests
    at once; adapter loads into device slots (cold starts, the engines' own counters) per 1,000 requests
    with the affinity router and with random routing (goal: affinity <= 1/3 of random), and the spread of
-   requests over the replicas.
+   requests over the replicas; beside them, the simulator's figures for the same configuration.
 3. The same routing code simulated at 64 replicas x 32 slots x 5,000 adapters (server/cluster/simulate.py):
    cold starts per 1,000 requests and max/mean work of the replicas (goal <= 1.25) at three utilisations.
 
-    python -m bench.cluster_bench           # about 10 minutes on 2 cores
-    python -m bench.cluster_bench --quick   # smaller everything, a smoke test
+    python -m bench.cluster_bench                    # about 15 minutes on 2 cores
+    python -m bench.cluster_bench --only throughput  # one part (throughput, affinity, simulation)
+    python -m bench.cluster_bench --quick            # smaller everything, a smoke test
+Runs of one part or --quick write under bench/results/partial/ or bench/results/quick/.
 """
 
 import os
@@ -30,6 +33,7 @@ import httpx
 import numpy as np
 
 from bench.http_bench import build, log, raw_round, workload
+from server.cluster.launch import SERVE_ENV, init_ray
 from server.cluster.simulate import POLICIES, Scenario, run, zipf_weights
 from server.config import Settings
 from tests.factories import make_adapter
@@ -38,11 +42,14 @@ from tests.server_harness import ServerProcess, free_port
 RESULTS_DIR = Path(__file__).parent / "results"
 GOALS = {"ray_over_serve": 0.9, "affinity_over_random_cold": 1 / 3, "max_over_mean_work": 1.25}
 FULL = dict(hidden=256, intermediate=768, layers=4, heads=8, kv_heads=4, adapters=8, requests=32, max_tokens=32,
-            repeats=3, zipf_adapters=40, zipf_requests=600, slots=(4, 16), sim_requests=100_000)
+            repeats=5, zipf_adapters=40, zipf_requests=600, slots=(4, 8, 16), sim_requests=100_000)
 QUICK = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, adapters=4, requests=8, max_tokens=8,
              repeats=1, zipf_adapters=12, zipf_requests=80, slots=(2,), sim_requests=10_000)
 ZIPF_S = 1.1
+ZIPF_CONCURRENCY = 8
+ZIPF_MAX_TOKENS = 4
 UTILISATIONS = (0.5, 0.7, 0.9)
+PARTS = ("throughput", "affinity", "simulation")
 
 
 def _common(base_dir: Path, store: Path) -> dict:
@@ -68,12 +75,49 @@ def _start_cluster(settings: Settings, routing: str) -> str:
     return f"http://127.0.0.1:{settings.port}"
 
 
+def _cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process and every process under it (the single server,
+    the local Ray instance), summed by role."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, used, title = {}, {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            title[stat.parent.name] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # the process ended meanwhile
+            continue
+        parent[stat.parent.name], used[stat.parent.name] = fields[1], (int(fields[11]) + int(fields[12])) / tick
+    mine, found = {str(os.getpid())}, True
+    while found:
+        found = {pid for pid, ppid in parent.items() if ppid in mine and pid not in mine}
+        mine |= found
+    roles: dict[str, float] = {}
+    for pid in mine:
+        roles[_role(title.get(pid, ""))] = roles.get(_role(title.get(pid, "")), 0.0) + used.get(pid, 0.0)
+    return roles
+
+
+def _role(cmdline: str) -> str:
+    for marker, role in (("server.cli serve", "loraserve serve"), ("EngineReplica", "Ray: engine replica"),
+                         ("Ingress", "Ray: ingress"), ("ProxyActor", "Ray: HTTP proxy"),
+                         ("bench.cluster_bench", "benchmark client")):
+        if marker in cmdline:
+            return role
+    return "Ray: other processes"
+
+
+def _spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {role: round(after[role] - before.get(role, 0.0), 2) for role in after
+            if after[role] - before.get(role, 0.0) >= 0.01}
+
+
 def ray_against_serve(base_dir: Path, store: Path, shape: dict, port: int) -> dict:
     work = workload(shape)
     env = {k: v for k, v in _common(base_dir, store).items() if k not in ("model", "adapters_dir", "served_model_name")}
     rounds: dict[str, list[float]] = {"serve": [], "cluster": []}
     tokens: dict[str, int] = {}
     texts: dict[str, list[str]] = {}
+    cpu: dict[str, dict[str, float]] = {}  # the best round's CPU seconds by role
     with ServerProcess(base_dir, store, env) as single:
         cluster = _start_cluster(Settings(**_common(base_dir, store), replicas=1, replica_cpus=2, port=port),
                                  "affinity")
@@ -82,13 +126,17 @@ def ray_against_serve(base_dir: Path, store: Path, shape: dict, port: int) -> di
             asyncio.run(raw_round(url, work))
         for r in range(shape["repeats"]):
             for name, url in urls.items():
+                before = _cpu_seconds()
                 seconds, tokens[name], texts[name] = asyncio.run(raw_round(url, work))
+                if seconds < min(rounds[name], default=float("inf")):
+                    cpu[name] = _spent(before, _cpu_seconds())
                 rounds[name].append(seconds)
             log(f"round {r + 1}/{shape['repeats']}: " + ", ".join(f"{n} {s[-1]:.2f}s" for n, s in rounds.items()))
     rates = {name: tokens[name] / min(seconds) for name, seconds in rounds.items()}
     return {"tokens_per_s": rates, "ratio": rates["cluster"] / rates["serve"],
             "outputs_equal": texts["serve"] == texts["cluster"], "requests": shape["requests"],
-            "max_tokens": shape["max_tokens"]}
+            "max_tokens": shape["max_tokens"], "best_round_s": {n: min(r) for n, r in rounds.items()},
+            "cpu_seconds_best_round": cpu, "ray_serve_env": SERVE_ENV}
 
 
 def _replica_counters(url: str) -> dict[str, int]:
@@ -116,8 +164,19 @@ def zipf_on_the_cluster(base_dir: Path, store: Path, shape: dict, port: int) -> 
             row[routing] = _zipf_round(_start_cluster(settings, routing), picks)
             log(f"{slots} slots, {routing}: {row[routing]}")
         row["ratio"] = row["affinity"]["cold_starts_per_1000"] / row["random"]["cold_starts_per_1000"]
+        row["simulated"] = _simulated_twin(slots, len(names))
         runs.append(row)
-    return {"runs": runs, "adapters": len(names), "requests": len(picks), "zipf_s": ZIPF_S, "concurrency": 8}
+    return {"runs": runs, "adapters": len(names), "requests": len(picks), "zipf_s": ZIPF_S,
+            "concurrency": ZIPF_CONCURRENCY}
+
+
+def _simulated_twin(slots: int, adapters: int) -> dict:
+    """The simulator on the real run's configuration: 2 replicas of `slots` slots and max_num_seqs 64,
+    `adapters` under the same Zipf, about ZIPF_CONCURRENCY requests in flight, ZIPF_MAX_TOKENS tokens each."""
+    scenario = Scenario(replicas=2, slots=slots, adapters=adapters, zipf_s=ZIPF_S, requests=20_000,
+                        utilisation=ZIPF_CONCURRENCY / (2 * 64), max_num_seqs=64, tokens=ZIPF_MAX_TOKENS)
+    cold = {policy: run(scenario, policy).cold_starts_per_1000 for policy in ("affinity", "random")}
+    return {**cold, "ratio": cold["affinity"] / cold["random"]}
 
 
 def _zipf_round(url: str, picks: list[str]) -> dict:
@@ -125,12 +184,12 @@ def _zipf_round(url: str, picks: list[str]) -> dict:
 
     def one(model: str) -> str:
         answer = httpx.post(url + "/v1/completions", timeout=120, json={
-            "model": model, "prompt": "zipf", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+            "model": model, "prompt": "zipf", "max_tokens": ZIPF_MAX_TOKENS, "temperature": 0, "ignore_eos": True})
         answer.raise_for_status()
         return answer.headers["x-replica"]
 
     started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    with concurrent.futures.ThreadPoolExecutor(ZIPF_CONCURRENCY) as pool:
         replicas = list(pool.map(one, picks))
     seconds = time.perf_counter() - started
     after = _replica_counters(url)
@@ -157,22 +216,29 @@ def simulation(shape: dict) -> dict:
 
 
 def print_report(result: dict) -> None:
-    ray_part, zipf, sim = result["ray_vs_serve"], result["zipf"], result["simulation"]
-    print(f"\n1 replica through Ray: {ray_part['tokens_per_s']['cluster']:.0f} tok/s vs loraserve serve "
-          f"{ray_part['tokens_per_s']['serve']:.0f} tok/s = {ray_part['ratio']:.2f}x "
-          f"(goal >= {GOALS['ray_over_serve']}); outputs equal: {ray_part['outputs_equal']}")
-    print(f"2 replicas, {zipf['adapters']} adapters, Zipf {zipf['zipf_s']}, {zipf['concurrency']} requests at once:")
-    for row in zipf["runs"]:
-        for routing in ("affinity", "random"):
-            print(f"  {row['slots_per_replica']:2d} slots {routing:8s} cold starts/1000: "
-                  f"{row[routing]['cold_starts_per_1000']:6.1f}   max/mean requests per replica: "
-                  f"{row[routing]['max_over_mean_requests']:.2f}")
-        print(f"  {row['slots_per_replica']:2d} slots affinity / random = {row['ratio']:.2f} "
-              f"(goal <= {GOALS['affinity_over_random_cold']:.2f})")
-    print("simulated 64 replicas x 32 slots x 5,000 adapters (cold starts/1000, max/mean work):")
-    for policy, rows in sim["policies"].items():
-        print(f"  {policy:12s} " + "  ".join(f"{r['utilisation']:.0%}: {r['cold_starts_per_1000']:5.0f}, "
-                                           f"{r['max_over_mean_work']:.2f}" for r in rows))
+    if ray_part := result.get("ray_vs_serve"):
+        print(f"\n1 replica through Ray: {ray_part['tokens_per_s']['cluster']:.0f} tok/s vs loraserve serve "
+              f"{ray_part['tokens_per_s']['serve']:.0f} tok/s = {ray_part['ratio']:.2f}x "
+              f"(goal >= {GOALS['ray_over_serve']}); outputs equal: {ray_part['outputs_equal']}")
+        for name, roles in ray_part["cpu_seconds_best_round"].items():
+            print(f"  CPU seconds in {name}'s best round ({ray_part['best_round_s'][name]:.2f} s): "
+                  + ", ".join(f"{role} {seconds:.2f}" for role, seconds in sorted(roles.items())))
+    if zipf := result.get("zipf"):
+        print(f"2 replicas, {zipf['adapters']} adapters, Zipf {zipf['zipf_s']}, {zipf['concurrency']} requests at once:")
+        for row in zipf["runs"]:
+            for routing in ("affinity", "random"):
+                print(f"  {row['slots_per_replica']:2d} slots {routing:8s} cold starts/1000: "
+                      f"{row[routing]['cold_starts_per_1000']:6.1f}   max/mean requests per replica: "
+                      f"{row[routing]['max_over_mean_requests']:.2f}")
+            twin = row["simulated"]
+            print(f"  {row['slots_per_replica']:2d} slots affinity / random = {row['ratio']:.2f} "
+                  f"(goal <= {GOALS['affinity_over_random_cold']:.2f}); simulated: {twin['affinity']:.0f} / "
+                  f"{twin['random']:.0f} = {twin['ratio']:.2f}")
+    if sim := result.get("simulation"):
+        print("simulated 64 replicas x 32 slots x 5,000 adapters (cold starts/1000, max/mean work):")
+        for policy, rows in sim["policies"].items():
+            print(f"  {policy:12s} " + "  ".join(f"{r['utilisation']:.0%}: {r['cold_starts_per_1000']:5.0f}, "
+                                               f"{r['max_over_mean_work']:.2f}" for r in rows))
 
 
 def plot(result: dict, path: Path) -> None:
@@ -183,18 +249,22 @@ def plot(result: dict, path: Path) -> None:
 
     zipf, sim = result["zipf"], result["simulation"]["policies"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    width = 0.35
-    for i, routing in enumerate(("affinity", "random")):
-        axes[0].bar([j + i * width for j in range(len(zipf["runs"]))],
-                    [row[routing]["cold_starts_per_1000"] for row in zipf["runs"]], width, label=routing)
-    axes[0].set_xticks([j + width / 2 for j in range(len(zipf["runs"]))],
-                       [f"{row['slots_per_replica']} slots" for row in zipf["runs"]])
+    width = 0.2
+    rows = zipf["runs"]
+    bars = [("affinity", lambda row: row["affinity"]["cold_starts_per_1000"]),
+            ("random", lambda row: row["random"]["cold_starts_per_1000"]),
+            ("affinity, simulated", lambda row: row["simulated"]["affinity"]),
+            ("random, simulated", lambda row: row["simulated"]["random"])]
+    for i, (label, value) in enumerate(bars):
+        axes[0].bar([j + i * width for j in range(len(rows))], [value(row) for row in rows], width, label=label,
+                    hatch="//" if "simulated" in label else None)
+    axes[0].set_xticks([j + 1.5 * width for j in range(len(rows))], [f"{row['slots_per_replica']} slots" for row in rows])
     axes[0].set_title(f"2 replicas, {zipf['adapters']} adapters (Zipf): cold starts / 1000")
-    axes[0].legend()
-    for policy, rows in sim.items():
-        x = [r["utilisation"] for r in rows]
-        axes[1].plot(x, [r["cold_starts_per_1000"] for r in rows], marker="o", label=policy)
-        axes[2].plot(x, [r["max_over_mean_work"] for r in rows], marker="o", label=policy)
+    axes[0].legend(fontsize=8)
+    for policy, points in sim.items():
+        x = [r["utilisation"] for r in points]
+        axes[1].plot(x, [r["cold_starts_per_1000"] for r in points], marker="o", label=policy)
+        axes[2].plot(x, [r["max_over_mean_work"] for r in points], marker="o", label=policy)
     axes[1].set_title("simulated 64 x 32 slots x 5,000 adapters: cold starts / 1000")
     axes[2].set_title("simulated: max / mean work of the replicas")
     axes[2].axhline(GOALS["max_over_mean_work"], color="red", linestyle="--", label="goal")
@@ -205,41 +275,60 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller everything: a smoke test")
-    args = parser.parse_args(argv)
-    shape = QUICK if args.quick else FULL
-    out = RESULTS_DIR / ("quick" if args.quick else "")
-    out.mkdir(parents=True, exist_ok=True)
-    import ray
+def _on_ray(shape: dict, parts: set[str]) -> dict:
+    """The parts that need a local Ray instance (1 and 2)."""
     from ray import serve
 
-    ray.init(num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False,
+    init_ray(num_cpus=2, object_store_memory=128 * 1024**2, include_dashboard=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     port = free_port()
+    result = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             log("building the model and adapters")
             base_dir, store = build(Path(tmp), shape)
-            zipf_store = Path(tmp) / "zipf"
-            for i in range(shape["zipf_adapters"]):
-                make_adapter(base_dir, zipf_store / f"z{i:02d}", seed=100 + i, r=8, lora_alpha=16,
-                             target_modules=["q_proj", "v_proj"])
-            log("1. one replica through Ray against loraserve serve")
-            result = {"ray_vs_serve": ray_against_serve(base_dir, store, shape, port)}
-            log("2. two replicas, Zipf traffic, affinity against random routing")
-            result["zipf"] = zipf_on_the_cluster(base_dir, zipf_store, shape, port)
+            if "throughput" in parts:
+                log("1. one replica through Ray against loraserve serve")
+                result["ray_vs_serve"] = ray_against_serve(base_dir, store, shape, port)
+            if "affinity" in parts:
+                zipf_store = Path(tmp) / "zipf"
+                for i in range(shape["zipf_adapters"]):
+                    make_adapter(base_dir, zipf_store / f"z{i:02d}", seed=100 + i, r=8, lora_alpha=16,
+                                 target_modules=["q_proj", "v_proj"])
+                log("2. two replicas, Zipf traffic, affinity against random routing")
+                result["zipf"] = zipf_on_the_cluster(base_dir, zipf_store, shape, port)
     finally:
+        import ray
+
         serve.shutdown()
         ray.shutdown()
-    log("3. the simulation")
-    result["simulation"] = simulation(shape)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller everything: a smoke test")
+    parser.add_argument("--only", choices=PARTS, action="append", help="run this part (repeatable); default: all")
+    args = parser.parse_args(argv)
+    shape = QUICK if args.quick else FULL
+    parts = set(args.only or PARTS)
+    out = RESULTS_DIR / ("quick" if args.quick else "partial" if parts != set(PARTS) else "")
+    out.mkdir(parents=True, exist_ok=True)
+    with open("/proc/loadavg") as loadavg:
+        load_before = float(loadavg.read().split()[0])
+    result = _on_ray(shape, parts) if parts & {"throughput", "affinity"} else {}
+    if "simulation" in parts:
+        log("3. the simulation")
+        result["simulation"] = simulation(shape)
+    with open("/proc/loadavg") as loadavg:
+        result["machine"] = {"cpus": os.cpu_count(), "load_average_1min": {"before": load_before,
+                                                                            "after": float(loadavg.read().split()[0])}}
     result["goals"] = GOALS
     print_report(result)
     (out / "cluster_bench.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / "cluster_bench.png")
-    log(f"wrote {out / 'cluster_bench.json'} and {out / 'cluster_bench.png'}")
+    if {"affinity", "simulation"} <= parts:
+        plot(result, out / "cluster_bench.png")
+    log(f"wrote {out / 'cluster_bench.json'}")
 
 
 if __name__ == "__main__":
