@@ -45,6 +45,9 @@ def test_the_ray_serve_config_validates_and_builds_the_application(monkeypatch):
     [app] = config.applications
     module, _, builder = app.import_path.partition(":")
     assert module == deployment.__name__ and builder == "app_builder"
+    from server.cluster.launch import SERVE_ENV
+
+    assert SERVE_ENV.items() <= app.runtime_env["env_vars"].items()  # the replicas' Ray Serve settings
     for name, value in app.runtime_env["env_vars"].items():
         monkeypatch.setenv(name, value)
     built = deployment.app_builder(app.args)
