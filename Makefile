@@ -22,6 +22,6 @@ test:
 bench-engine:
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.engine_bench
 
-# Retrain the demo that ships (demo/base and adapters/{reverse,upper,rot13}): a few minutes on 2 CPU cores.
+# Retrain the demo that ships (demo/base and adapters/{reverse,upper,rot13}): about an hour on 2 CPU cores.
 demo:
 	HF_HUB_OFFLINE=1 $(BIN)/loraserve build-demo

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--seed", type=int)
     generate.set_defaults(handler=_generate)
-    demo = commands.add_parser("build-demo", help="train the demo base and adapters (CPU, a few minutes)")
+    demo = commands.add_parser("build-demo", help="train the demo base and adapters (CPU, about an hour on 2 cores)")
     demo.add_argument("--base-dir", type=Path, dest="base_dir", help="default demo/base")
     demo.add_argument("--adapters-dir", type=Path, dest="adapters_dir", help="default adapters")
     demo.add_argument("--base-steps", type=int, dest="base_steps")

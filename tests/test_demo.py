@@ -27,13 +27,17 @@ def server(tmp_path_factory):
         yield running
 
 
-def complete_all(url: str, model: str, texts: list[str]) -> list[str]:
-    """Greedy answers to every text's prompt, sent concurrently so the engine batches them."""
+def complete_all(url: str, model: str, texts: list[str], fmt: str = "completion") -> list[str]:
+    """Greedy answers to every text, through completions (`text\n`) or chat completions (one user message),
+    sent concurrently so the engine batches them."""
     with httpx.Client(base_url=url, timeout=120) as client, ThreadPoolExecutor(len(texts)) as pool:
         def one(text: str) -> str:
-            body = {"model": model, "prompt": tasks.prompt(text), "max_tokens": tasks.MAX_LEN + 4,
-                    "temperature": 0}
-            response = client.post("/v1/completions", json=body)
+            body = {"model": model, "max_tokens": tasks.MAX_LEN + 4, "temperature": 0}
+            if fmt == "chat":
+                response = client.post("/v1/chat/completions", json=body | {"messages": tasks.messages(text)})
+                assert response.status_code == 200, response.text
+                return response.json()["choices"][0]["message"]["content"]
+            response = client.post("/v1/completions", json=body | {"prompt": tasks.prompt(text)})
             assert response.status_code == 200, response.text
             return response.json()["choices"][0]["text"]
         return list(pool.map(one, texts))
@@ -59,14 +63,33 @@ def test_the_demo_is_served(server):
     assert models[0] == "base" and set(tasks.ADAPTER_TASKS) <= set(models)
 
 
+@pytest.mark.parametrize("fmt", tasks.FORMATS)
 @pytest.mark.parametrize("task", tasks.ADAPTER_TASKS)
-def test_each_adapter_does_its_transformation(server, task):
-    answers = complete_all(server.url, task, HELD_OUT)
+def test_each_adapter_does_its_transformation(server, task, fmt):
+    answers = complete_all(server.url, task, HELD_OUT, fmt)
     assert exact_match(task, HELD_OUT, answers) >= 0.9, list(zip(HELD_OUT, answers))
 
 
 def test_the_bare_base_copies(base_answers):
     assert exact_match(tasks.BASE_TASK, HELD_OUT, base_answers) >= 0.9, list(zip(HELD_OUT, base_answers))
+
+
+def test_the_bare_base_copies_through_chat(server):
+    answers = complete_all(server.url, "base", HELD_OUT, "chat")
+    assert exact_match(tasks.BASE_TASK, HELD_OUT, answers) >= 0.9, list(zip(HELD_OUT, answers))
+
+
+@pytest.mark.parametrize("fmt", tasks.FORMATS)
+@pytest.mark.parametrize("model", ["base", *tasks.ADAPTER_TASKS])
+def test_readme_examples_answer_exactly(server, model, fmt):
+    """The strings README's quickstart sends come back exactly as README prints them, through both APIs."""
+    task = tasks.BASE_TASK if model == "base" else model
+    answers = complete_all(server.url, model, list(tasks.SHOWCASE), fmt)
+    assert answers == [tasks.answer(task, text) for text in tasks.SHOWCASE]
+
+
+def test_readme_examples_are_not_held_out():
+    assert not any(tasks.is_held_out(text) for text in tasks.SHOWCASE)
 
 
 @pytest.mark.parametrize("task", tasks.ADAPTER_TASKS)

@@ -200,6 +200,18 @@ def test_bad_control_values_are_refused(client, kwargs, param):
 # ---- models.retrieve, /tokenize and /detokenize, the stop token in logprobs ----------------------------
 
 
+def test_chat_without_max_tokens_gets_what_the_context_leaves(client):
+    """The default (256) is cut to the context left after the prompt (256 positions here), as vLLM does; an
+    explicit max_tokens that does not fit is still refused."""
+    long = [{"role": "user", "content": "x" * 200}]
+    out = client.chat.completions.create(model="alpha", messages=long, temperature=0, extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens + out.usage.completion_tokens == 256
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="alpha", messages=long, max_tokens=100)
+    assert caught.value.body["code"] == "context_length_exceeded"
+
+
 def test_models_retrieve(client):
     assert client.models.retrieve("base").id == "base"
     alpha = client.models.retrieve("alpha")

@@ -69,6 +69,13 @@ def test_upload_an_adapter_and_use_it(server):
     assert "shout" in [a["name"] for a in listed["data"]]
 
 
+def test_chat_completions(server):
+    body = {"model": "upper", "messages": [{"role": "user", "content": "make me loud"}], "temperature": 0}
+    response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "MAKE ME LOUD"
+
+
 def test_small_ab_experiment(server):
     """Create, route with sticky keys, give feedback, read the verdict, promote the winner to an alias."""
     experiment = {"name": "shouty-or-backwards", "status": "running",

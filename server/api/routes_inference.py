@@ -281,6 +281,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
     top = (body.top_logprobs or 0) if body.logprobs else None
     await _check_tool_parameters(state, body)
     params = _sampling(body, max_tokens, top, grammar=await _grammar(state, body))
+    if body.token_limit() is None:
+        params = replace(params, max_tokens_fits_context=True)
     definitions = [tool.model_dump(exclude_none=True) for tool in body.tools or []] or None
     prompt = chat_prompt(state.tokenizer, body.messages, definitions)
     response_id = f"chatcmpl-{request.state.request_id}"

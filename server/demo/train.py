@@ -33,6 +33,9 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # rot13 swaps letters: on the input embedding a per-token offset does it, where through the linear layers
 # alone training stayed at chance (rank 16 to 64, learning rates 1e-3 to 1e-2, also with the output head).
 EXTRA_TARGETS = {"rot13": ["embed_tokens"]}
+# reverse needs attention to count positions back: with half of each batch in each format, 800 steps
+# reached 80% on completion prompts (copy and upper, 90%+); it trains twice as long.
+ADAPTER_STEP_FACTOR = {"reverse": 2}
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,8 @@ def build_adapter(plan: BuildPlan, tokenizer, base: PreTrainedModel, task: str):
     config = LoraConfig(r=plan.lora_rank, lora_alpha=2 * plan.lora_rank, lora_dropout=0.0,
                         target_modules=LORA_TARGETS + EXTRA_TARGETS.get(task, []), task_type="CAUSAL_LM")
     model = get_peft_model(base, config)
-    train(model, tokenizer, task, plan.adapter_steps, plan.adapter_lr, plan.batch_size, seed=seed * 1000)
+    steps = plan.adapter_steps * ADAPTER_STEP_FACTOR.get(task, 1)
+    train(model, tokenizer, task, steps, plan.adapter_lr, plan.batch_size, seed=seed * 1000)
     # Ship only the two files the server reads (PEFT also writes a model card README).
     with tempfile.TemporaryDirectory() as scratch:
         model.save_pretrained(scratch, save_embedding_layers=False)
@@ -221,12 +225,12 @@ def main(plan: BuildPlan = BuildPlan()) -> int:
 
 def _row(model: str, scores: dict[str, dict[str, float]]) -> str:
     cells = (f"{by_format['completion']:>5.0%} {by_format['chat']:>4.0%}" for by_format in scores.values())
-    return f"{model:<10}" + "".join(f"{cell:>14}" for cell in cells)
+    return f"{model:<10}" + "".join(f"{cell:>17}" for cell in cells)
 
 
 def _table(results: dict[str, dict[str, dict[str, float]]], seconds: float) -> str:
     """Rows: the model served; columns: the task judged; cells: exact match on the held-out strings,
     through the completion prompt, then the chat template."""
-    header = f"{'model':<10}" + "".join(f"{name + ' cmp/chat':>14}" for name in tasks.TASKS)
+    header = f"{'model':<10}" + "".join(f"{name + ' cmp/chat':>17}" for name in tasks.TASKS)
     rows = [_row(model, scores) for model, scores in results.items()]
     return "\n".join([f"exact match, greedy, {EVAL_SIZE} held-out strings ({seconds:.0f} s):", header, *rows])

@@ -214,6 +214,9 @@ class LLMEngine:
                                       f"({self.slots.per_slot_budget})", param="model")
         tokenizer = self.tokenizers.of(lora)
         prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if params.max_tokens_fits_context:
+            room = min(self.max_context, self.kv_cache.capacity_tokens) - len(prompt_ids)
+            params = replace(params, max_tokens=max(min(params.max_tokens, room), params.min_tokens, 1))
         self._check_fits(prompt_ids, params, lora)
         if len(self.scheduler.waiting) >= self.settings.max_queue:
             raise CapacityError(f"the queue is full ({self.settings.max_queue} requests waiting)")

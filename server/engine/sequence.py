@@ -41,6 +41,9 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI: minus this once the token appeared in the output
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
     grammar: Grammar | None = None  # structured outputs: only tokens the grammar allows (server/engine/grammar.py)
+    # max_tokens was not sent: it is a default, cut to what the context leaves after the prompt (as vLLM does),
+    # never a reason to refuse a prompt that fits.
+    max_tokens_fits_context: bool = False
 
     def __post_init__(self):
         problems = []
