@@ -88,9 +88,9 @@ def resize_favouring_new_tokens(model: PreTrainedModel, vocabulary: int, seed: i
     with torch.no_grad():
         embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
         embed[old:] = embed[source] + 0.05 * torch.randn(len(source), embed.shape[1], generator=generator)
-        # Noise on the head rows too: two new rows copied from one source would tie exactly, and which of
+        # Each new head row its own scale: two rows copied from one source would tie exactly, and which of
         # two equal logits a blocked matmul rounds higher differs between implementations.
-        head[old:] = 2.5 * head[source] + 0.05 * torch.randn(len(source), head.shape[1], generator=generator)
+        head[old:] = head[source] * (2.5 + 0.05 * torch.rand(len(source), 1, generator=generator))
 
 
 def make_engine(model_dir: Path, **settings) -> LLMEngine:
