@@ -39,7 +39,7 @@ from server.errors import CapacityError, InvalidRequestError, RequestTooLargeErr
 from server.lora.adapter import LoraAdapter, load_lora_adapter
 from server.lora.added_tokens import AdapterTokenizers
 from server.lora.cpu_kernel import build_cpu_kernel_in_background
-from server.lora.layer import LoraBatch, wrap_target_modules
+from server.lora.layer import LoraBatch, past_vocabulary, wrap_target_modules
 from server.lora.slots import LoraSlotPool
 from server.lora.targets import find_target_modules
 
@@ -410,8 +410,7 @@ class LLMEngine:
         if logits.shape[-1] == self.runner.vocabulary:
             return torch.isfinite(logits).all(dim=-1).tolist()
         own = torch.tensor([self.runner.vocabulary_of(seq) for seq in seqs], device=logits.device)
-        past = torch.arange(logits.shape[-1], device=logits.device)[None, :] >= own[:, None]
-        return (torch.isfinite(logits) | past).all(dim=-1).tolist()
+        return (torch.isfinite(logits) | past_vocabulary(logits, own)).all(dim=-1).tolist()
 
     def _check_fits(self, prompt_ids: list[int], params: SamplingParams, lora: LoraAdapter | None = None) -> None:
         if not prompt_ids:

@@ -170,8 +170,12 @@ def widen(logits: torch.Tensor, width: int) -> torch.Tensor:
 def mask_past_vocabulary(logits: torch.Tensor, vocabularies: torch.Tensor) -> torch.Tensor:
     """-inf past each row's own vocabulary (rows (N, width), vocabularies (N,)), again after the model's own
     processing of the logits (a soft cap makes -inf finite)."""
-    past = torch.arange(logits.shape[-1], device=logits.device)[None, :] >= vocabularies[:, None]
-    return logits.masked_fill(past, float("-inf"))
+    return logits.masked_fill(past_vocabulary(logits, vocabularies), float("-inf"))
+
+
+def past_vocabulary(logits: torch.Tensor, vocabularies: torch.Tensor) -> torch.Tensor:
+    """True at the columns of each row (N, width) past that row's own vocabulary (N,)."""
+    return torch.arange(logits.shape[-1], device=logits.device)[None, :] >= vocabularies[:, None]
 
 
 def slot_indices(rows: torch.Tensor, held: dict[int, object]) -> list[tuple[int, torch.Tensor]]:
