@@ -36,7 +36,7 @@ from bench.http_bench import build, log, raw_round, workload
 from server.cluster.launch import SERVE_ENV, init_ray
 from server.cluster.simulate import POLICIES, Scenario, run, zipf_weights
 from server.config import Settings
-from tests.factories import make_adapter
+from tests.factories import adapter_noise_for, make_adapter
 from tests.server_harness import ServerProcess, free_port
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -294,6 +294,7 @@ def _on_ray(shape: dict, parts: set[str]) -> dict:
                 zipf_store = Path(tmp) / "zipf"
                 for i in range(shape["zipf_adapters"]):
                     make_adapter(base_dir, zipf_store / f"z{i:02d}", seed=100 + i, r=8, lora_alpha=16,
+                                 noise_std=adapter_noise_for(shape["hidden"]),
                                  target_modules=["q_proj", "v_proj"])
                 log("2. two replicas, Zipf traffic, affinity against random routing")
                 result["zipf"] = zipf_on_the_cluster(base_dir, zipf_store, shape, port)

@@ -34,7 +34,7 @@ from server.engine.model_loader import load_base_model, load_tokenizer
 from server.engine.sequence import SamplingParams
 from tests.server_harness import ServerProcess
 from bench.sse_client import fetch_stream, parse_completion_stream
-from tests.factories import build_model, llama_config, make_adapter, save_model
+from tests.factories import adapter_noise_for, build_model, llama_config, make_adapter, save_model
 
 RESULTS_DIR = Path(__file__).parent / "results"
 GOAL_MAX_LOSS = 0.10  # HTTP may cost at most 10% of the engine's throughput
@@ -65,6 +65,7 @@ def build(root: Path, shape: dict) -> tuple[Path, Path]:
     for i in range(shape["adapters"]):
         log(f"adapter {i + 1}/{shape['adapters']}")
         make_adapter(base_dir, store / f"a{i:02d}", seed=i, r=(8, 16, 32)[i % 3], lora_alpha=16,
+                     noise_std=adapter_noise_for(shape["hidden"]),
                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     return base_dir, store
 
@@ -264,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         log("building the model and adapters")
         base_dir, store = build(Path(tmp), shape)
-        cold_dir = make_adapter(base_dir, Path(tmp) / "cold", seed=999, r=16, lora_alpha=16)
+        cold_dir = make_adapter(base_dir, Path(tmp) / "cold", seed=999, r=16, lora_alpha=16,
+                                noise_std=adapter_noise_for(shape["hidden"]))
         work = workload(shape)
         engine = LLMEngine(load_base_model(base_dir, torch.float32, torch.device("cpu")), load_tokenizer(base_dir),
                            settings(base_dir, store))

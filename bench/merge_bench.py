@@ -29,7 +29,7 @@ from server.config import Settings
 from server.engine.engine import LLMEngine
 from server.engine.model_loader import load_base_model, load_tokenizer
 from server.engine.sequence import SamplingParams
-from tests.factories import build_model, llama_config, make_adapter, save_model
+from tests.factories import adapter_noise_for, build_model, llama_config, make_adapter, save_model
 
 RESULTS_DIR = Path(__file__).parent / "results"
 NUM_ADAPTERS = 32
@@ -55,6 +55,7 @@ def build(root: Path, shape: dict) -> Path:
         if i % 8 == 0:
             log(f"adapters {i + 1}-{min(i + 8, NUM_ADAPTERS)}/{NUM_ADAPTERS}")
         make_adapter(base_dir, root / f"a{i:02d}", seed=i, r=(8, 16, 32)[i % 3], lora_alpha=16,
+                     noise_std=adapter_noise_for(shape["hidden"]),
                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     return base_dir
 

@@ -52,7 +52,7 @@ def gpt2_adapters(gpt2_dir, tmp_path_factory) -> AdapterFactory:
     return AdapterFactory(gpt2_dir, tmp_path_factory.mktemp("gpt2_adapters"))
 
 
-def _reference_model(base_dir: Path, adapter_dir: Path | None, merge: bool = False):
+def reference_model(base_dir: Path, adapter_dir: Path | None, merge: bool = False):
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
@@ -64,14 +64,14 @@ def _reference_model(base_dir: Path, adapter_dir: Path | None, merge: bool = Fal
 def reference_logprobs(base_dir: Path, prompt: list[int], adapter_dir: Path | None = None) -> torch.Tensor:
     """Next-token log-probabilities after `prompt` from transformers/PEFT: (vocab,)."""
     with torch.inference_mode():
-        logits = _reference_model(base_dir, adapter_dir)(input_ids=torch.tensor([prompt])).logits
+        logits = reference_model(base_dir, adapter_dir)(input_ids=torch.tensor([prompt])).logits
     return torch.log_softmax(logits[0, -1].float(), dim=-1)
 
 
 def reference_greedy(base_dir: Path, prompt: list[int], max_new_tokens: int, adapter_dir: Path | None = None,
                      merge: bool = False) -> list[int]:
     """Greedy tokens from plain transformers (adapter_dir None) or PEFT, in a fresh model instance."""
-    model = _reference_model(base_dir, adapter_dir, merge)
+    model = reference_model(base_dir, adapter_dir, merge)
     with torch.inference_mode():
         out = model.generate(
             input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),

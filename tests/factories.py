@@ -53,8 +53,19 @@ def save_model(model: PreTrainedModel, directory: Path) -> Path:
     return directory
 
 
-def make_adapter(model_dir: Path, directory: Path, seed: int, **lora_kwargs) -> Path:
-    """A PEFT adapter on a fresh copy of the base, with non-zero B (PEFT's init makes B = 0)."""
+ADAPTER_NOISE = 0.3  # the std of A and B at the test models' width (hidden 64)
+
+
+def adapter_noise_for(hidden: int) -> float:
+    """A and B's std at a wider model, keeping the update about as strong as at hidden 64: it grows like
+    noise² · √(hidden · r). A fixed 0.3 at hidden 768 made every layer's activations ~100x the base's, and
+    float32 rounding alone then changed greedy tokens (fp32 PEFT was 1.0 logprob from fp64 PEFT)."""
+    return ADAPTER_NOISE * (64 / hidden) ** 0.75
+
+
+def make_adapter(model_dir: Path, directory: Path, seed: int, noise_std: float = ADAPTER_NOISE, **lora_kwargs) -> Path:
+    """A PEFT adapter on a fresh copy of the base, with non-zero B (PEFT's init makes B = 0): A and B drawn
+    with std `noise_std` (see adapter_noise_for)."""
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -66,11 +77,11 @@ def make_adapter(model_dir: Path, directory: Path, seed: int, **lora_kwargs) -> 
         for name, param in peft_model.named_parameters():
             if "lora_" not in name:
                 continue
-            noise = torch.randn(param.shape, generator=generator)
+            draw = torch.randn(param.shape, generator=generator)
             if "lora_magnitude" in name:  # PEFT starts m at ‖W‖: move it so DoRA's rescaling shows
-                param.mul_(1 + 0.2 * noise)
+                param.mul_(1 + 0.2 * draw)
             else:
-                param.copy_(0.3 * noise)
+                param.copy_(noise_std * draw)
     peft_model.save_pretrained(directory, save_embedding_layers=False)
     return directory
 

@@ -1,9 +1,12 @@
 """Greedy float32 output of the engine equals transformers' generate (base) and PEFT's (every adapter form)."""
 
+import random
+
 import pytest
+import torch
 
 from server.engine.sequence import SamplingParams
-from tests.conftest import reference_greedy, reference_logprobs
+from tests.conftest import reference_model, reference_greedy, reference_logprobs
 from tests.factories import make_engine
 
 MAX_NEW = 12
@@ -91,6 +94,25 @@ def test_all_adapters_in_one_batch_match_peft(llama_engine, llama_dir, llama_ada
     for prompt, name, got in zip(prompts, names, batched):
         adapter_dir = llama_adapters(name, **LLAMA_ADAPTERS[name]) if name else None
         assert got.token_ids == reference_greedy(llama_dir, prompt, MAX_NEW, adapter_dir), name
+
+
+def test_a_crowded_batch_gives_every_request_what_it_gets_alone(llama_engine, llama_dir, llama_adapters):
+    """63 requests of 40-64 positions over 9 models at once, then 7 at a time: the same tokens, and at each
+    step PEFT's argmax on the same history (a batch-dependent error would show in neither small test)."""
+    rng = random.Random(5)
+    names = [[None, *LLAMA_ADAPTERS][i % 9] for i in range(63)]
+    prompts = [[rng.randrange(3, 250) for _ in range(rng.randint(8, 32))] for _ in names]
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    together = [c.token_ids for c in llama_engine.generate(prompts, params, names)]
+    by_seven = [c.token_ids for i in range(0, 63, 7)
+                for c in llama_engine.generate(prompts[i:i + 7], params, names[i:i + 7])]
+    assert together == by_seven
+    for name in {*names}:
+        model = reference_model(llama_dir, llama_adapters(name, **LLAMA_ADAPTERS[name]) if name else None)
+        for prompt, tokens in [(p, t) for p, t, n in zip(prompts, together, names) if n == name]:
+            with torch.inference_mode():
+                logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+            assert logits.argmax(-1).tolist() == tokens, name
 
 
 @pytest.mark.parametrize("engine_name,adapters,name", [
