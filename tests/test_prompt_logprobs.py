@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from server.engine.sequence import SamplingParams
-from tests.conftest import _reference_model
+from tests.conftest import reference_model
 from tests.factories import make_engine
 from tests.server_harness import openai_client, serve_adapters
 
@@ -25,7 +25,7 @@ def adapter_dirs(llama_adapters):
 def _reference(llama_dir, adapter_dir, prompt: list[int]) -> torch.Tensor:
     """transformers/PEFT log-softmax at every position of `prompt`: (P, vocab)."""
     with torch.inference_mode():
-        logits = _reference_model(llama_dir, adapter_dir)(input_ids=torch.tensor([prompt])).logits[0]
+        logits = reference_model(llama_dir, adapter_dir)(input_ids=torch.tensor([prompt])).logits[0]
     return torch.log_softmax(logits.float(), dim=-1)
 
 

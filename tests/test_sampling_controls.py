@@ -19,7 +19,7 @@ from transformers import (
 from server.engine.logits_processors import adjust_logits
 from server.engine.sampler import sampling_probs
 from server.engine.sequence import SamplingParams, Sequence
-from tests.conftest import _reference_model
+from tests.conftest import reference_model
 from tests.factories import VOCAB, make_engine
 
 PROMPT = [40, 77, 101, 9, 33, 77, 40]
@@ -116,7 +116,7 @@ def engine(llama_dir, adapter_dirs):
 
 
 def _reference(llama_dir, adapter_dir, max_tokens, processors, eos=None):
-    model = _reference_model(llama_dir, adapter_dir)
+    model = reference_model(llama_dir, adapter_dir)
     with torch.inference_mode():
         out = model.generate(input_ids=torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
                              max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0,
