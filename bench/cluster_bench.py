@@ -3,8 +3,9 @@
 1. The cost of Ray: the same streaming workload (a random Llama, 8 adapters, concurrent greedy requests)
    against `loraserve serve` alone and against `loraserve cluster` with 1 replica, rounds interleaved;
    tokens/s of the cluster over the single server (goal >= 0.9), and the CPU seconds each process took
-   in the best round of each (the Ray processes share the cores with the engine).
-2. Affinity on a real cluster: 2 replicas of 4, 8 and 16 slots, 40 adapters under Zipf traffic, 8 requests
+   in the best round of each; once with the engines on both cores (the Ray processes share them with the
+   engine), once on one (Ray's hops get the other, as beside a GPU).
+2. Affinity on a real cluster: 2 replicas of 4, 8 and 20 slots, 40 adapters under Zipf traffic, 8 requests
    at once; adapter loads into device slots (cold starts, the engines' own counters) per 1,000 requests
    with the affinity router and with random routing (goal: affinity <= 1/3 of random), and the spread of
    requests over the replicas; beside them, the simulator's figures for the same configuration.
@@ -42,13 +43,16 @@ from tests.server_harness import ServerProcess, free_port
 RESULTS_DIR = Path(__file__).parent / "results"
 GOALS = {"ray_over_serve": 0.9, "affinity_over_random_cold": 1 / 3, "max_over_mean_work": 1.25}
 FULL = dict(hidden=256, intermediate=768, layers=4, heads=8, kv_heads=4, adapters=8, requests=32, max_tokens=32,
-            repeats=5, zipf_adapters=40, zipf_requests=600, slots=(4, 8, 16), sim_requests=100_000)
+            repeats=5, zipf_adapters=40, zipf_requests=600, slots=(4, 8, 20), sim_requests=100_000)
 QUICK = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, adapters=4, requests=8, max_tokens=8,
              repeats=1, zipf_adapters=12, zipf_requests=80, slots=(2,), sim_requests=10_000)
 ZIPF_S = 1.1
 ZIPF_CONCURRENCY = 8
 ZIPF_MAX_TOKENS = 4
 UTILISATIONS = (0.5, 0.7, 0.9)
+# The engine on both cores (Ray's proxy and ingress compete with it), then on one (they get the other, as
+# on a GPU machine, where the model's work is on the accelerator and the hops on the host's cores).
+THROUGHPUT_THREADS = (2, 1)
 PARTS = ("throughput", "affinity", "simulation")
 
 
@@ -111,16 +115,18 @@ def _spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float
             if after[role] - before.get(role, 0.0) >= 0.01}
 
 
-def ray_against_serve(base_dir: Path, store: Path, shape: dict, port: int) -> dict:
+def ray_against_serve(base_dir: Path, store: Path, shape: dict, port: int, torch_threads: int) -> dict:
+    """The same streams through `loraserve serve` and through 1 replica on Ray, rounds interleaved; both
+    engines with `torch_threads` threads (fewer than the cores leaves Ray's hops a core of their own)."""
     work = workload(shape)
-    env = {k: v for k, v in _common(base_dir, store).items() if k not in ("model", "adapters_dir", "served_model_name")}
+    common = {**_common(base_dir, store), "torch_threads": torch_threads}
+    env = {k: v for k, v in common.items() if k not in ("model", "adapters_dir", "served_model_name")}
     rounds: dict[str, list[float]] = {"serve": [], "cluster": []}
     tokens: dict[str, int] = {}
     texts: dict[str, list[str]] = {}
     cpu: dict[str, dict[str, float]] = {}  # the best round's CPU seconds by role
     with ServerProcess(base_dir, store, env) as single:
-        cluster = _start_cluster(Settings(**_common(base_dir, store), replicas=1, replica_cpus=2, port=port),
-                                 "affinity")
+        cluster = _start_cluster(Settings(**common, replicas=1, replica_cpus=2, port=port), "affinity")
         urls = {"serve": single.url, "cluster": cluster}
         for url in urls.values():  # warm-up: every adapter into its slot, every code path once
             asyncio.run(raw_round(url, work))
@@ -133,7 +139,7 @@ def ray_against_serve(base_dir: Path, store: Path, shape: dict, port: int) -> di
                 rounds[name].append(seconds)
             log(f"round {r + 1}/{shape['repeats']}: " + ", ".join(f"{n} {s[-1]:.2f}s" for n, s in rounds.items()))
     rates = {name: tokens[name] / min(seconds) for name, seconds in rounds.items()}
-    return {"tokens_per_s": rates, "ratio": rates["cluster"] / rates["serve"],
+    return {"torch_threads": torch_threads, "tokens_per_s": rates, "ratio": rates["cluster"] / rates["serve"],
             "outputs_equal": texts["serve"] == texts["cluster"], "requests": shape["requests"],
             "max_tokens": shape["max_tokens"], "best_round_s": {n: min(r) for n, r in rounds.items()},
             "cpu_seconds_best_round": cpu, "ray_serve_env": SERVE_ENV}
@@ -216,8 +222,9 @@ def simulation(shape: dict) -> dict:
 
 
 def print_report(result: dict) -> None:
-    if ray_part := result.get("ray_vs_serve"):
-        print(f"\n1 replica through Ray: {ray_part['tokens_per_s']['cluster']:.0f} tok/s vs loraserve serve "
+    for ray_part in result.get("ray_vs_serve", []):
+        print(f"\n1 replica through Ray, {ray_part['torch_threads']} torch thread(s) on {os.cpu_count()} cores: "
+              f"{ray_part['tokens_per_s']['cluster']:.0f} tok/s vs loraserve serve "
               f"{ray_part['tokens_per_s']['serve']:.0f} tok/s = {ray_part['ratio']:.2f}x "
               f"(goal >= {GOALS['ray_over_serve']}); outputs equal: {ray_part['outputs_equal']}")
         for name, roles in ray_part["cpu_seconds_best_round"].items():
@@ -289,7 +296,8 @@ def _on_ray(shape: dict, parts: set[str]) -> dict:
             base_dir, store = build(Path(tmp), shape)
             if "throughput" in parts:
                 log("1. one replica through Ray against loraserve serve")
-                result["ray_vs_serve"] = ray_against_serve(base_dir, store, shape, port)
+                result["ray_vs_serve"] = [ray_against_serve(base_dir, store, shape, port, threads)
+                                          for threads in THROUGHPUT_THREADS]
             if "affinity" in parts:
                 zipf_store = Path(tmp) / "zipf"
                 for i in range(shape["zipf_adapters"]):
