@@ -97,7 +97,6 @@ class LLMEngine:
         self.device = model.device
         self.dtype = model.dtype
         self.max_context = max_context(model)
-        self.vocab_size = model.get_input_embeddings().num_embeddings  # token ids a prompt may hold
         self.targets = find_target_modules(model)
         self.slots = LoraSlotPool(self.targets, settings.max_loras, settings.max_lora_rank, self.dtype, self.device,
                                   int(settings.slot_copy_memory))
@@ -409,13 +408,13 @@ class LLMEngine:
         vocabulary pads the other rows with -inf)."""
         if logits.shape[-1] == self.runner.vocabulary:
             return torch.isfinite(logits).all(dim=-1).tolist()
-        own = torch.tensor([self.runner.vocabulary_of(seq) for seq in seqs], device=logits.device)
+        own = torch.tensor([self.runner.vocabulary_of(seq.adapter) for seq in seqs], device=logits.device)
         return (torch.isfinite(logits) | past_vocabulary(logits, own)).all(dim=-1).tolist()
 
     def _check_fits(self, prompt_ids: list[int], params: SamplingParams, lora: LoraAdapter | None = None) -> None:
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
-        vocab = lora.vocabulary or self.vocab_size if lora is not None else self.vocab_size  # resized: more ids
+        vocab = self.runner.vocabulary_of(lora)
         outside = next((t for t in prompt_ids if not 0 <= t < vocab), None)
         if outside is not None:
             raise InvalidRequestError(f"token id {outside} is outside the vocabulary [0, {vocab})", param="prompt")

@@ -16,6 +16,7 @@ from server.engine.paged_decode import DecodeAttentionOp
 from server.engine.rope import PerSequenceRope
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
+from server.lora.adapter import LoraAdapter
 from server.lora.layer import LoraBatch, mask_past_vocabulary
 from server.lora.ops import Run, plan_runs
 from server.lora.slots import LoraSlotPool
@@ -106,10 +107,10 @@ class ModelRunner:
             seq.computed_length = seq.length
         logits = out.logits[0]
         if widest:  # rows of adapters with a resized vocabulary are wider than the others
-            logits = mask_past_vocabulary(logits, self._tensor([self.vocabulary_of(seq) for seq in packed.kept]))
+            logits = mask_past_vocabulary(logits, self._tensor([self.vocabulary_of(seq.adapter) for seq in packed.kept]))
         if not packed.prompt_rows:
             return packed.sampled, logits, {}
-        prompt_chunks = {seq: PromptChunk(first, logits[rows, :self.vocabulary_of(seq)])
+        prompt_chunks = {seq: PromptChunk(first, logits[rows, :self.vocabulary_of(seq.adapter)])
                          for seq, (first, rows) in packed.prompt_rows.items()}
         return packed.sampled, logits[self._tensor(packed.last_rows)], prompt_chunks
 
@@ -148,9 +149,9 @@ class ModelRunner:
         return ChunkWithHistory(start, end, seq.num_computed, first_position,
                                 self._tensor([self._row(seq, p) for p in range(first_position, last)]))
 
-    def vocabulary_of(self, seq: Sequence) -> int:
-        """The token ids this sequence's model has: its adapter's resized vocabulary, or the base's."""
-        return seq.adapter.vocabulary or self.vocabulary if seq.adapter is not None else self.vocabulary
+    def vocabulary_of(self, adapter: LoraAdapter | None) -> int:
+        """The token ids a request's model has: its adapter's resized vocabulary, or the base's."""
+        return (adapter.vocabulary if adapter is not None else None) or self.vocabulary
 
     def _slot_of(self, seq: Sequence) -> int:
         slot = self.slots.slot_of(seq.adapter_name) if seq.adapter is not None else None
@@ -201,7 +202,7 @@ class ModelRunner:
         plan = plan_runs(token_slots, LONG_RUN_MIN_TOKENS, self.device, subtract, self.slots.adapter_ranks,
                          fused_max_tokens=FUSED_MAX_TOKENS if self.lora_batch.fused_op is not None else 0)
         self.lora_batch.plan = plan if plan.has_lora else None
-        widest = max(self.vocabulary_of(seq) for seq in seqs)
+        widest = max(self.vocabulary_of(seq.adapter) for seq in seqs)
         self.lora_batch.vocabulary = widest if widest > self.vocabulary else 0
         if any(self.slots.needs_rows(seq.adapter_name) for seq in seqs if seq.adapter is not None):
             no_adapter_row = self.slots.num_slots
