@@ -12,7 +12,7 @@
 3. The same routing code simulated at 64 replicas x 32 slots x 5,000 adapters (server/cluster/simulate.py):
    cold starts per 1,000 requests and max/mean work of the replicas (goal <= 1.25) at three utilisations.
 
-    python -m bench.cluster_bench                    # about 15 minutes on 2 cores
+    python -m bench.cluster_bench                    # about 20 minutes on 2 cores
     python -m bench.cluster_bench --only throughput  # one part (throughput, affinity, simulation)
     python -m bench.cluster_bench --quick            # smaller everything, a smoke test
 Runs of one part or --quick write under bench/results/partial/ or bench/results/quick/.
