@@ -34,6 +34,7 @@ import httpx
 import numpy as np
 
 from bench.http_bench import build, log, raw_round, workload
+from bench.model_shapes import FULL_MODEL
 from server.cluster.launch import SERVE_ENV, init_ray
 from server.cluster.simulate import POLICIES, Scenario, run, zipf_weights
 from server.config import Settings
@@ -57,7 +58,7 @@ UTILISATIONS = (0.5, 0.7, 0.9)
 THROUGHPUT_THREADS = (2, 1)
 # Ray's hops cost per streamed event, so the smaller the model the larger their share: the benchmark's own
 # small model, and the HTTP benchmark's 63M one (~3x the work per token).
-THROUGHPUT_MODELS = {"small": {}, "63M": dict(hidden=768, intermediate=2048, layers=10, heads=12, kv_heads=4)}
+THROUGHPUT_MODELS = {"small": {}, "63M": FULL_MODEL}
 PARTS = ("throughput", "affinity", "simulation")
 
 

@@ -35,6 +35,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from bench.machine import CONTENDED_CORES, CpuMeter, environment, wait_for_quiet
+from bench.model_shapes import FULL_MODEL, QUICK_MODEL, ModelOptions
 from bench.roofline import ADAPTED_MODULES, ModelShape, peak_matmul_flops, request_flops
 from server.config import Settings
 from server.engine.engine import LLMEngine
@@ -56,20 +57,14 @@ JSON_SCHEMA = json.dumps({"type": "object", "required": ["words"], "properties":
     "type": "array", "minItems": 8, "maxItems": 8, "items": {"type": "string", "minLength": 6, "maxLength": 6}}}})
 MAX_BATCH_TOKENS = 4096
 
-FULL = dict(hidden=768, intermediate=2048, layers=10, heads=12, kv_heads=4, requests=64, max_tokens=32,
-            repeats=3, serial_requests=8, batch_sizes="8,16,32,64", matmul_size=2048)
-QUICK = dict(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, requests=32, max_tokens=8,
-             repeats=2, serial_requests=4, batch_sizes="8,32", matmul_size=512)
+FULL = dict(**FULL_MODEL, requests=64, max_tokens=32, repeats=3, serial_requests=8, batch_sizes="8,16,32,64",
+            matmul_size=2048)
+QUICK = dict(**QUICK_MODEL, requests=32, max_tokens=8, repeats=2, serial_requests=4, batch_sizes="8,32",
+             matmul_size=512)
 
 
 @dataclass(frozen=True)
-class Options:
-    quick: bool
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
+class Options(ModelOptions):
     requests: int
     prompt_min: int
     prompt_max: int

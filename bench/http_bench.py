@@ -34,14 +34,13 @@ from server.engine.model_loader import load_base_model, load_tokenizer
 from server.engine.sequence import SamplingParams
 from tests.server_harness import ServerProcess
 from bench.sse_client import fetch_stream, parse_completion_stream
-from tests.factories import adapter_noise_for, build_model, llama_config, make_adapter, save_model
+from bench.model_shapes import FULL_MODEL, QUICK_MODEL, base_config
+from tests.factories import adapter_noise_for, build_model, make_adapter, save_model
 
 RESULTS_DIR = Path(__file__).parent / "results"
 GOAL_MAX_LOSS = 0.10  # HTTP may cost at most 10% of the engine's throughput
-FULL = dict(hidden=768, intermediate=2048, layers=10, heads=12, kv_heads=4, adapters=8, requests=64,
-            max_tokens=32, repeats=3)
-QUICK = dict(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, adapters=4, requests=16,
-             max_tokens=8, repeats=2)
+FULL = dict(**FULL_MODEL, adapters=8, requests=64, max_tokens=32, repeats=3)
+QUICK = dict(**QUICK_MODEL, adapters=4, requests=16, max_tokens=8, repeats=2)
 
 
 @dataclass(frozen=True)
@@ -57,9 +56,7 @@ def log(message: str) -> None:
 
 def build(root: Path, shape: dict) -> tuple[Path, Path]:
     """A random base and `adapters` PEFT adapters (ranks 8/16/32, q/k/v/o) in an adapters directory."""
-    config = llama_config(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-                          num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                          num_key_value_heads=shape["kv_heads"], max_position_embeddings=512)
+    config = base_config(shape)
     base_dir = save_model(build_model(config, std=0.02), root / "base")
     store = root / "adapters"
     for i in range(shape["adapters"]):

@@ -29,15 +29,14 @@ from server.config import Settings
 from server.engine.engine import LLMEngine
 from server.engine.model_loader import load_base_model, load_tokenizer
 from server.engine.sequence import SamplingParams
-from tests.factories import adapter_noise_for, build_model, llama_config, make_adapter, save_model
+from bench.model_shapes import FULL_MODEL, QUICK_MODEL, base_config
+from tests.factories import adapter_noise_for, build_model, make_adapter, save_model
 
 RESULTS_DIR = Path(__file__).parent / "results"
 NUM_ADAPTERS = 32
 # half_life: the policy's memory in tokens, about two rounds of the workload
-FULL = dict(hidden=768, intermediate=2048, layers=10, heads=12, kv_heads=4, requests=64, max_tokens=32, repeats=3,
-            half_life=4096)
-QUICK = dict(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, requests=32, max_tokens=8, repeats=2,
-             half_life=512)
+FULL = dict(**FULL_MODEL, requests=64, max_tokens=32, repeats=3, half_life=4096)
+QUICK = dict(**QUICK_MODEL, requests=32, max_tokens=8, repeats=2, half_life=512)
 WARM_UP_ROUNDS = 3  # the policy needs to see a shape's traffic before its steady state is measured
 GOAL_HOT_VS_BASE = 0.95
 
@@ -47,9 +46,7 @@ def log(message: str) -> None:
 
 
 def build(root: Path, shape: dict) -> Path:
-    config = llama_config(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-                          num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                          num_key_value_heads=shape["kv_heads"], max_position_embeddings=512)
+    config = base_config(shape)
     base_dir = save_model(build_model(config, std=0.02), root / "base")
     for i in range(NUM_ADAPTERS):
         if i % 8 == 0:

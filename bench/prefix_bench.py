@@ -35,6 +35,7 @@ import torch
 from bench.engine_bench import NUM_ADAPTERS, Clock, build_base, make_adapters, quiet_libraries
 from bench.engine_bench import Options as EngineOptions
 from bench.machine import CpuMeter, environment, wait_for_quiet
+from bench.model_shapes import FULL_MODEL, QUICK_MODEL, ModelOptions
 from server.config import Settings
 from server.engine.engine import LLMEngine
 from server.engine.model_loader import load_base_model, load_tokenizer
@@ -47,22 +48,14 @@ GOAL_TTFT = 5.0  # shared prefix: median TTFT without caching / with
 GOAL_ITL = 3.0  # p99 ITL of running streams while a long prompt arrives: unchunked / chunked
 CHUNK = 512  # max_batch_tokens of the chunked configuration
 
-FULL = dict(hidden=768, intermediate=2048, layers=10, heads=12, kv_heads=4, system=1000, turn=20, per_adapter=3,
-            in_flight=4, max_tokens=16, conversations=4, turns=4, chat_system=200, long_prompt=4000, streams=8,
-            stream_tokens=400, repeats=2)
-QUICK = dict(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, system=200, turn=8, per_adapter=2,
-             in_flight=4, max_tokens=4, conversations=2, turns=3, chat_system=40, long_prompt=600, streams=4,
-             stream_tokens=120, repeats=1)
+FULL = dict(**FULL_MODEL, system=1000, turn=20, per_adapter=3, in_flight=4, max_tokens=16, conversations=4,
+            turns=4, chat_system=200, long_prompt=4000, streams=8, stream_tokens=400, repeats=2)
+QUICK = dict(**QUICK_MODEL, system=200, turn=8, per_adapter=2, in_flight=4, max_tokens=4, conversations=2,
+             turns=3, chat_system=40, long_prompt=600, streams=4, stream_tokens=120, repeats=1)
 
 
 @dataclass(frozen=True)
-class Options:
-    quick: bool
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
+class Options(ModelOptions):
     system: int
     turn: int
     per_adapter: int
@@ -83,13 +76,15 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model and workload (a smoke test)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results directory (default bench/results; --quick: bench/results/quick)")
     for name, value in FULL.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"default {value}")
     args = parser.parse_args(argv)
     values = dict(QUICK if args.quick else FULL)
     values.update({k: v for k, v in vars(args).items() if k in FULL and v is not None})
-    return Options(quick=args.quick, seed=args.seed, out=args.out, **values)
+    out = args.out or (RESULTS_DIR / "quick" if args.quick else RESULTS_DIR)
+    return Options(quick=args.quick, seed=args.seed, out=out, **values)
 
 
 # ---- workloads ----------------------------------------------------------------------------------
