@@ -92,8 +92,9 @@ class Settings(BaseSettings):
     replicas: int = Field(1, ge=1, description="Engine replicas behind the cluster's one HTTP endpoint.")
     replica_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved by each replica (a fraction shares a core).")
     stream_interval: float = Field(
-        0.025, ge=0, le=1, description="Seconds a replica gathers a stream's events before sending them through Ray "
-                                       "together (each costs ~1 ms of CPU); 0 = each at once.")
+        0.025, ge=0, le=1, description="Seconds a replica gathers its streams' events before sending them through Ray "
+                                       "together, on one channel to the ingress (each send costs CPU on the "
+                                       "engine's core); 0 = each at once.")
     shared_limits: bool = Field(
         False, description="Tenant limits counted in the catalogue database, across every process sharing it "
                            "(`loraserve cluster` turns it on).")

@@ -241,11 +241,42 @@ def _sse(lines) -> list:
             for line in lines if line.startswith("data: ")]
 
 
+def _stream(url: str, model: str, max_tokens: int = 16) -> tuple[str, str]:
+    """One streamed completion: the replica that gave it and its text."""
+    body = {"model": model, "prompt": "Hello, cluster!", "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", headers=ADMIN, json=body, timeout=60) as streamed:
+        events = _sse(streamed.iter_lines())
+        assert events[-1] == "[DONE]", events[-2:]
+        return streamed.headers["x-replica"], "".join(e["choices"][0]["text"] for e in events[:-1])
+
+
+def _channels() -> dict[str, str]:
+    return serve.get_deployment_handle("Ingress", APP_NAME).open_channels.remote().result()
+
+
+def _until_channels_to(replicas: set[str]) -> None:
+    deadline = time.monotonic() + 10
+    while not replicas <= set(_channels()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert replicas <= set(_channels()), (replicas, _channels())
+
+
+def test_streams_come_on_one_channel_per_replica_with_the_text_of_one_engine(cluster, reference):
+    _until_channels_to(set(_replicas(cluster)))  # opened for every replica the ingress's router sees
+    models = (BASE, "resident", "second")
+    expected = {m: reference("Hello, cluster!", None if m == BASE else m, 16) for m in models}
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:  # many answers on one channel at once
+        answers = list(pool.map(lambda m: (m, _stream(cluster, m)[1]), models * 3))
+    assert all(text == expected[m] for m, text in answers), answers
+
+
 def test_a_replica_killed_mid_stream_ends_it_with_an_error_event_and_the_other_serves(cluster):
+    _until_channels_to(set(_replicas(cluster)))
     body = {"model": BASE, "prompt": "Hello, cluster!", "max_tokens": 200, "temperature": 0, "stream": True,
             "ignore_eos": True}
     with httpx.stream("POST", cluster + "/v1/completions", headers=ADMIN, json=body, timeout=60) as streamed:
         victim = streamed.headers["x-replica"]
+        assert victim in _channels()  # the stream comes on the channel
         lines = streamed.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["choices"][0]["text"] is not None
@@ -262,3 +293,9 @@ def test_a_replica_killed_mid_stream_ends_it_with_an_error_event_and_the_other_s
             break
         time.sleep(1)
     assert states.get("RUNNING") == 2, states
+    seen: set[str] = set()
+    while len(seen) < 2 and time.monotonic() < deadline:  # until the ingress's router knows the new one
+        seen.add(_complete(cluster, BASE).headers["x-replica"])
+    assert len(seen) == 2 and victim not in seen, (seen, _channels())
+    _until_channels_to(seen)  # the ingress opens one to the new replica too
+    assert victim not in _channels()

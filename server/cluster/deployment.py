@@ -20,13 +20,15 @@ APP_NAME = "loraserve"
 ROUTING_STATS_PERIOD_S = 0.5
 # The app logs each request itself (with its request id); Ray Serve's own line per call would double that.
 _LOGGING = LoggingConfig(enable_access_log=False)
+INGRESS_REPLICAS = 1
 
 
 def build_app(settings: Settings, routing: Literal["affinity", "random"] = "affinity") -> Application:
     replica = serve.deployment(EngineReplica, name="EngineReplica").options(
         num_replicas=settings.replicas,
-        # The engine queues and refuses (503) by itself; Ray Serve's cap only bounds what one replica holds.
-        max_ongoing_requests=settings.max_num_seqs + settings.max_queue,
+        # The engine queues and refuses (503) by itself; Ray Serve's cap only bounds what one replica holds
+        # (and the ingress's channel to it, one more request in flight: server/cluster/channel.py).
+        max_ongoing_requests=settings.max_num_seqs + settings.max_queue + INGRESS_REPLICAS,
         ray_actor_options={"num_cpus": settings.replica_cpus},
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTERS[routing], request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
@@ -34,7 +36,7 @@ def build_app(settings: Settings, routing: Literal["affinity", "random"] = "affi
         health_check_period_s=2.0, health_check_timeout_s=30.0,
         graceful_shutdown_timeout_s=settings.shutdown_grace_seconds, logging_config=_LOGGING)
     ingress = serve.deployment(Ingress, name="Ingress").options(
-        num_replicas=1, max_ongoing_requests=settings.max_connections, ray_actor_options={"num_cpus": 0},
+        num_replicas=INGRESS_REPLICAS, max_ongoing_requests=settings.max_connections, ray_actor_options={"num_cpus": 0},
         logging_config=_LOGGING)
     base_name = settings.served_model_name or Path(settings.model).resolve().name
     # Above every route's own limit (an upload's carries its multipart framing); each replica applies those.

@@ -2,10 +2,12 @@
 engine replica and streams the answer back. It knows one thing about the API: which adapter a request
 names (the JSON body's `model`), handed to the router as the request's `multiplexed_model_id`
 (server/cluster/router.py). Everything else (auth, errors, limits, SSE) is the replicas' own app.
+Streamed answers come on one channel per replica once the first has come (server/cluster/channel.py).
 
 A replica that dies before answering yields a 503; one that dies mid-stream ends an SSE stream with an
 error event and [DONE], as the single server ends a request the engine failed."""
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -14,7 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from server.api.errors import error_body
-from server.cluster.asgi_bridge import Envelope, Start
+from server.cluster.asgi_bridge import REPLICA_HEADER, Envelope, Start
+from server.cluster.channel import ChannelClient
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ def _sse_error(message: str) -> bytes:
 class Ingress:
     def __init__(self, replicas, base_name: str, max_body_bytes: int):
         self._replicas = replicas  # a DeploymentHandle of EngineReplica
+        self._channels = ChannelClient(replicas)
         self._base_name = base_name
         self._max_body = max_body_bytes
 
@@ -53,19 +57,36 @@ class Ingress:
             "method": request.method, "path": request.url.path, "query_string": request.url.query.encode(),
             "headers": list(request.headers.raw), "body": body,
             "client": (request.client.host, request.client.port) if request.client else None}
+        envelope["key"], envelope["channels"] = key, channels = self._channels.prepare()
         adapter = adapter_of(request.method, body, self._base_name)
         stream = self._replicas.options(stream=True, multiplexed_model_id=adapter or "").handle.remote(envelope)
         try:
             start = await stream.__anext__()
+        except asyncio.CancelledError:  # the client left before the answer began
+            self._channels.release(key)
+            stream.cancel()
+            raise
         except Exception as exc:  # noqa: BLE001 - the replica died or was unreachable before answering
+            self._channels.release(key)
             log.warning("replica failed before answering %s %s: %r", request.method, request.url.path, exc)
             return JSONResponse(error_body(503, REPLICA_GONE, code="replica_unavailable"), status_code=503,
                                 headers={"Retry-After": "1"})
         assert isinstance(start, Start)
-        response = StreamingResponse(self._rest(stream, dict(start.headers).get(b"content-type", b"")),
-                                     status_code=start.status)
+        headers = dict(start.headers)
+        content_type, replica = headers.get(b"content-type", b""), headers.get(REPLICA_HEADER, b"").decode()
+        self._channels.ensure(replica)  # in case the router's news of it has not come yet
+        if start.via_channel:
+            pieces = self._channels.relay(key, channels[replica], stream)
+        else:
+            self._channels.release(key)
+            pieces = _own(stream)
+        response = StreamingResponse(self._rest(pieces, content_type), status_code=start.status)
         response.raw_headers = list(start.headers)
         return response
+
+    def open_channels(self) -> dict[str, str]:
+        """Replica id -> the channel open to it (a handle method, for operators and the tests)."""
+        return self._channels.open_channels()
 
     async def _body(self, request: Request) -> bytes | None:
         """The whole body, or None past the largest body any route accepts (the replica applies each
@@ -79,9 +100,9 @@ class Ingress:
         return b"".join(pieces)
 
     @staticmethod
-    async def _rest(stream, content_type: bytes) -> AsyncIterator[bytes]:
+    async def _rest(pieces: AsyncIterator[bytes], content_type: bytes) -> AsyncIterator[bytes]:
         try:
-            async for piece in stream:
+            async for piece in pieces:
                 yield piece
         except Exception as exc:  # noqa: BLE001 - the replica died mid-answer
             log.warning("replica failed mid-stream: %r", exc)
@@ -89,4 +110,13 @@ class Ingress:
                 raise  # a plain body cannot carry an error once its status went out: the connection drops
             yield _sse_error(REPLICA_GONE)
         finally:
-            stream.cancel()
+            await pieces.aclose()
+
+
+async def _own(stream) -> AsyncIterator[bytes]:
+    """A body that comes on the request's own Ray stream."""
+    try:
+        async for piece in stream:
+            yield piece
+    finally:
+        stream.cancel()

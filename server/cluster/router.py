@@ -15,8 +15,9 @@ import random
 import time
 from typing import Any
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from server.cluster.channel import PIN, replicas_now
 from server.cluster.policy import ReplicaView, Residency, affinity_key, rank
 
 _PRUNE_EVERY_S = 30.0
@@ -26,7 +27,30 @@ def _model(pending: PendingRequest | None) -> str | None:
     return (pending.metadata.multiplexed_model_id or None) if pending is not None else None
 
 
-class AdapterAffinityRouter(FIFOMixin, RequestRouter):
+def _pinned(pending: PendingRequest | None, candidates: list[RunningReplica]) -> list[list[RunningReplica]] | None:
+    """An ingress's channel goes to the one replica it names (none while that replica is not running:
+    Ray Serve waits, and the ingress gives up); None for every other request."""
+    model = _model(pending)
+    if model is None or not model.startswith(PIN):
+        return None
+    named = [r for r in candidates if r.replica_id.unique_id == model[len(PIN):]]
+    return [named] if named else []
+
+
+class _ChannelsFollowReplicas(RequestRouter):
+    """Tells the ingress in this process which replicas run (server/cluster/channel.py).
+
+    No FIFOMixin on these routers: with it, a replica chosen for one request goes to whichever request is
+    first in the queue, so under concurrency an adapter's request (or a channel pinned to one replica)
+    could take the replica chosen for another; without it, each choice serves the request it was made for.
+    """
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        replicas_now({r.replica_id.unique_id for r in replicas})
+
+
+class AdapterAffinityRouter(_ChannelsFollowReplicas):
     """Requests for an adapter go to a replica holding it unless it is over the load line; base
     requests and spills go to the least loaded replica."""
 
@@ -37,6 +61,8 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if (pinned := _pinned(pending_request, candidate_replicas)) is not None:
+            return pinned
         now = time.monotonic()
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         for replica_id, replica in by_id.items():
@@ -52,6 +78,8 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
         return [[by_id[i] for i in ids] for ids in rank(adapter, views, self._residency.holders(adapter, now))]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        if (_model(pending_request) or "").startswith(PIN):
+            return
         self._residency.routed(replica_id.unique_id, affinity_key(_model(pending_request), self._aliases),
                                time.monotonic())
 
@@ -60,11 +88,13 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
         self._residency.forget(replica_id.unique_id)
 
 
-class RandomRouter(FIFOMixin, RequestRouter):
+class RandomRouter(_ChannelsFollowReplicas):
     """Any replica with room, at random: the baseline the benchmark compares affinity against."""
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if (pinned := _pinned(pending_request, candidate_replicas)) is not None:
+            return pinned
         return [random.sample(candidate_replicas, len(candidate_replicas))] if candidate_replicas else []
 
 
