@@ -1,0 +1,88 @@
+"""The replica's end of a channel (server/cluster/channel.py) with the ASGI bridge, without Ray: an event
+stream's body goes into the channel the request names, gathered with the other streams' events; a plain
+body, or a channel that closed, stays on the request's own stream. The ingress's end runs on a real Ray
+cluster in tests/test_cluster.py."""
+
+import asyncio
+
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from server.cluster.asgi_bridge import Start, play
+from server.cluster.channel import ChannelHub
+
+EVENTS = 5
+
+
+async def _events(request):
+    async def body():
+        for i in range(EVENTS):
+            yield f"data: {request.path_params['name']}-{i}\n\n"
+            await asyncio.sleep(0.01)
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+async def _plain(request):
+    return JSONResponse({"plain": True})
+
+
+APP = Starlette(routes=[Route("/events/{name}", _events), Route("/plain", _plain)])
+
+
+def _envelope(path: str) -> dict:
+    return {"method": "GET", "path": path, "query_string": b"", "headers": [], "body": b"", "client": None}
+
+
+async def _answer(hub: ChannelHub, channel_id: str | None, key: str, path: str) -> list:
+    sender = hub.sender(channel_id, key)
+    return [item async for item in play(APP, _envelope(path), [(b"x-replica", b"r1")], channel=sender)]
+
+
+def test_event_streams_come_on_the_channel_gathered_and_plain_bodies_on_their_own_stream():
+    async def scenario():
+        hub = ChannelHub(flush_s=0.05)
+        channel = hub.serve("c1", "r1")
+        assert await channel.__anext__() == "r1"  # open, and where
+        collected: list = []
+        batches = asyncio.ensure_future(_collect(channel, collected))
+        own = await asyncio.gather(_answer(hub, "c1", "a", "/events/a"), _answer(hub, "c1", "b", "/events/b"),
+                                   _answer(hub, "c1", "p", "/plain"))
+        await asyncio.sleep(0.1)  # the last gather
+        batches.cancel()
+        return own, collected
+
+    own, collected = asyncio.run(scenario())
+    (start_a, *rest_a), (start_b, *rest_b), (start_p, *rest_p) = own
+    assert isinstance(start_a, Start) and start_a.via_channel and rest_a == []
+    assert start_b.via_channel and rest_b == []
+    assert not start_p.via_channel and b"".join(rest_p) == b'{"plain":true}'
+    assert (b"x-replica", b"r1") in start_a.headers
+    pieces = {"a": [], "b": []}
+    for batch in collected:
+        for key, piece in batch:
+            pieces[key].append(piece)
+    for name in ("a", "b"):
+        assert pieces[name][-1] is None  # the body's end
+        assert b"".join(pieces[name][:-1]).decode() == "".join(f"data: {name}-{i}\n\n" for i in range(EVENTS))
+    assert len(collected) < 2 * EVENTS  # gathered: fewer Ray items than events
+
+
+async def _collect(channel, into: list) -> None:
+    async for batch in channel:
+        into.append(batch)
+
+
+def test_a_request_naming_a_channel_the_replica_no_longer_has_answers_on_its_own_stream():
+    async def scenario():
+        hub = ChannelHub(flush_s=0.0)
+        channel = hub.serve("c1", "r1")
+        await channel.__anext__()
+        await channel.aclose()  # the ingress closed it
+        unknown = await _answer(hub, "c2", "x", "/events/x")
+        closed = await _answer(hub, "c1", "y", "/events/y")
+        return unknown, closed
+
+    for start, *rest in asyncio.run(scenario()):
+        assert not start.via_channel
+        assert b"".join(rest).count(b"data: ") == EVENTS
