@@ -127,6 +127,7 @@ class ChannelClient:
         self._readers: set[str] = set()  # replicas with a channel open or opening
         self._holding: dict[str, set[str]] = {}  # channel id -> keys of the requests that named it, until known
         self._mailboxes: dict[str, asyncio.Queue[bytes | None | ChannelLost]] = {}
+        self._tasks: set[asyncio.Task] = set()
         _clients.add(self)
 
     def open_channels(self) -> dict[str, str]:
@@ -158,7 +159,18 @@ class ChannelClient:
         """Open a channel to `replica_id` in the background unless one is open or opening."""
         if replica_id not in self._open and replica_id not in self._readers:
             self._readers.add(replica_id)
-            asyncio.get_running_loop().create_task(self._read(replica_id))
+            task = asyncio.get_running_loop().create_task(self._read(replica_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Close every channel and wait (briefly) for the replicas to hear it: Ray does not end a stream
+        whose caller is gone, and a channel left open would hold its replica's drain to its time limit."""
+        self._open.clear()
+        for stream in self._streams.values():
+            stream.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
 
     def replicas_now(self, replica_ids: set[str]) -> None:
         self._running = set(replica_ids)

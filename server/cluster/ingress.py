@@ -84,6 +84,9 @@ class Ingress:
         response.raw_headers = list(start.headers)
         return response
 
+    async def __del__(self):  # Ray Serve calls it once this replica of the ingress has drained
+        await self._channels.close()
+
     def open_channels(self) -> dict[str, str]:
         """Replica id -> the channel open to it (a handle method, for operators and the tests)."""
         return self._channels.open_channels()
