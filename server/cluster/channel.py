@@ -48,7 +48,6 @@ class ChannelLost(ConnectionError):
 @dataclass
 class _Open:
     queue: asyncio.Queue[tuple[str, bytes | None]] = field(default_factory=asyncio.Queue)
-    answers: int = 0  # answers in flight on it
     closed: bool = False
 
 
@@ -60,11 +59,8 @@ class ChannelSender:
 
     def start(self) -> bool:
         """Claim the channel for this answer; False if it closed meanwhile (send on the request's stream)."""
-        if self._channel.closed:
-            return False
-        self._channel.answers += 1
-        self._started = True
-        return True
+        self._started = not self._channel.closed
+        return self._started
 
     def send(self, piece: bytes) -> None:
         self._channel.queue.put_nowait((self._key, piece))
@@ -72,7 +68,6 @@ class ChannelSender:
     def end(self) -> None:
         if self._started:
             self._started = False
-            self._channel.answers -= 1
             self._channel.queue.put_nowait((self._key, None))
 
 
