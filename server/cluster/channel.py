@@ -8,8 +8,8 @@ batches: one item per gather (`--stream-interval`) instead of one per event per 
 - The ingress opens a channel to every replica its router sees running (`replicas_now`, called by the
   routers of server/cluster/router.py) and to any replica that answers without one (`ChannelClient.ensure`),
   pinned to it through the router (`PIN` + replica id as the multiplexed model id). The channel's first
-  item, the replica's id, says it is open and where (a channel that lands elsewhere, or on a replica that
-  has one already, is closed at once). Every request's envelope names the channels open when it is sent (`channels`:
+  item, the replica's id, says it is open and where (one that lands elsewhere is closed at once: the
+  routers pin it, and the tests see a misplaced one as a missing channel). Every request's envelope names the channels open when it is sent (`channels`:
   replica id -> channel id) and a key of its own (`key`).
 - A replica whose channel a request names sends that answer's body through the channel (`ChannelHub`)
   when the answer is an event stream, and marks its `Start` `via_channel`; the request's own Ray stream
@@ -209,14 +209,12 @@ class ChannelClient:
         channel_id = uuid.uuid4().hex
         stream = self._replicas.options(stream=True, multiplexed_model_id=PIN + replica_id).channel.remote(channel_id)
         self._streams[channel_id] = stream
-        landed = None
         try:
-            landed = await asyncio.wait_for(stream.__anext__(), OPEN_TIMEOUT_S)
-            if landed != replica_id or landed in self._open:  # misplaced (not by our routers): one each
+            if await asyncio.wait_for(stream.__anext__(), OPEN_TIMEOUT_S) != replica_id:  # misplaced
                 return
-            if self._running is not None and landed not in self._running:  # it would hold the drain
+            if self._running is not None and replica_id not in self._running:  # it would hold the drain
                 return
-            self._open[landed] = channel_id
+            self._open[replica_id] = channel_id
             async for batch in stream:
                 for key, piece in batch:
                     if (mailbox := self._mailboxes.get(key)) is not None:
@@ -224,9 +222,9 @@ class ChannelClient:
         except Exception as exc:  # noqa: BLE001 - closed, the replica died, or never answered
             log.info("channel to replica %s ended: %r", replica_id, exc)
         finally:
-            self._readers.discard(replica_id)
-            if landed is not None and self._open.get(landed) == channel_id:
-                del self._open[landed]
+            self._readers.discard(replica_id)  # one reader per replica: no other channel of it is open
+            if self._open.get(replica_id) == channel_id:
+                del self._open[replica_id]
             del self._streams[channel_id]
             stream.cancel()
             for key in self._holding.pop(channel_id, ()):

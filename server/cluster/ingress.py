@@ -74,7 +74,7 @@ class Ingress:
         assert isinstance(start, Start)
         headers = dict(start.headers)
         content_type, replica = headers.get(b"content-type", b""), headers.get(REPLICA_HEADER, b"").decode()
-        self._channels.ensure(replica)  # in case the router's news of it has not come yet
+        self._channels.ensure(replica)  # reopens one that ended while its replica runs on
         if start.via_channel:
             pieces = self._channels.relay(key, channels[replica], stream)
         else:
