@@ -25,9 +25,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -68,9 +70,11 @@ def _common(base_dir: Path, store: Path) -> dict:
                 cpu_kernel=False, torch_threads=2, log_format="text")
 
 
-def _start_cluster(settings: Settings, routing: str) -> str:
-    """Deploy the application, deleting an earlier one first: its replicas hold the CPUs the new ones
-    need, so a rolling update would wait for them forever on 2 cores."""
+@contextlib.contextmanager
+def _cluster(settings: Settings, routing: str) -> Iterator[str]:
+    """The application deployed on this process's Ray instance, its front serving from a thread here: the
+    front's URL, until the block ends. An earlier application is deleted first: its replicas hold the CPUs the
+    new ones need, so a rolling update would wait for them forever on 2 cores."""
     from ray import serve
     from ray.serve.exceptions import RayServeException
 
@@ -81,8 +85,11 @@ def _start_cluster(settings: Settings, routing: str) -> str:
         serve.delete(APP_NAME)
     except RayServeException:  # no Serve instance yet
         pass
-    start(settings, routing)
-    return f"http://127.0.0.1:{settings.port}"
+    front = start(settings, routing)
+    try:
+        yield front.url
+    finally:
+        front.stop()
 
 
 def _cpu_seconds() -> dict[str, float]:
@@ -109,7 +116,7 @@ def _cpu_seconds() -> dict[str, float]:
 
 def _role(cmdline: str) -> str:
     for marker, role in (("server.cli serve", "loraserve serve"), ("EngineReplica", "Ray: engine replica"),
-                         ("Ingress", "Ray: ingress"), ("ProxyActor", "Ray: HTTP proxy"),
+                         ("server.cli cluster", "loraserve cluster (its HTTP front)"),
                          ("bench.cluster_bench", "benchmark client")):
         if marker in cmdline:
             return role
@@ -121,7 +128,7 @@ def _spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float
             if after[role] - before.get(role, 0.0) >= 0.01}
 
 
-def ray_against_serve(base_dir: Path, store: Path, shape: dict, port: int, torch_threads: int) -> dict:
+def ray_against_serve(base_dir: Path, store: Path, shape: dict, torch_threads: int) -> dict:
     """The same streams through `loraserve serve` and through 1 replica on Ray, rounds interleaved; both
     engines with `torch_threads` threads (fewer than the cores leaves Ray's hops a core of their own)."""
     work = workload(shape)
@@ -131,9 +138,13 @@ def ray_against_serve(base_dir: Path, store: Path, shape: dict, port: int, torch
     tokens: dict[str, int] = {}
     texts: dict[str, list[str]] = {}
     cpu: dict[str, dict[str, float]] = {}  # the best round's CPU seconds by role
-    with ServerProcess(base_dir, store, env) as single:
-        cluster = _start_cluster(Settings(**common, replicas=1, replica_cpus=2, port=port), "affinity")
-        urls = {"serve": single.url, "cluster": cluster}
+    import ray
+
+    # `loraserve cluster` itself, joining this process's Ray instance: its front's CPU is its own process's.
+    on_ray = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    with (ServerProcess(base_dir, store, env) as single,
+          ServerProcess(base_dir, store, {**env, "replicas": 1, "replica_cpus": 2}, on_ray, "cluster") as cluster):
+        urls = {"serve": single.url, "cluster": cluster.url}
         for url in urls.values():  # warm-up: every adapter into its slot, every code path once
             asyncio.run(raw_round(url, work))
         for r in range(shape["repeats"]):
@@ -175,8 +186,8 @@ def zipf_on_the_cluster(base_dir: Path, store: Path, shape: dict, port: int) -> 
         for routing in ("affinity", "random"):
             settings = Settings(**{**_common(base_dir, store), "max_loras": slots, "torch_threads": 1},
                                 replicas=2, replica_cpus=1, port=port)
-            row[routing] = _zipf_round(_start_cluster(settings, routing), picks[:shape["zipf_warmup"]],
-                                       picks[shape["zipf_warmup"]:])
+            with _cluster(settings, routing) as url:
+                row[routing] = _zipf_round(url, picks[:shape["zipf_warmup"]], picks[shape["zipf_warmup"]:])
             log(f"{slots} slots, {routing}: {row[routing]}")
         row["ratio"] = row["affinity"]["cold_starts_per_1000"] / row["random"]["cold_starts_per_1000"]
         row["simulated"] = _simulated_twin(slots, len(names))
@@ -321,7 +332,7 @@ def _on_ray(shape: dict, parts: set[str]) -> dict:
                 for model in shape["throughput_models"]:
                     sized = {**shape, **THROUGHPUT_MODELS[model]}
                     built = build(Path(tmp) / model, sized) if THROUGHPUT_MODELS[model] else (base_dir, store)
-                    result["ray_vs_serve"] += [{"model": model, **ray_against_serve(*built, sized, port, threads)}
+                    result["ray_vs_serve"] += [{"model": model, **ray_against_serve(*built, sized, threads)}
                                                for threads in THROUGHPUT_THREADS]
             if "affinity" in parts:
                 zipf_store = Path(tmp) / "zipf"

@@ -84,15 +84,16 @@ _START_TIMEOUT_S = 300
 
 
 class ServerProcess:
-    """Started on enter (returns once /ready answers), terminated on exit. `settings` become
-    LORASERVE_* environment variables of the subprocess."""
+    """`loraserve serve` (or `command`) started on enter (returns once /ready answers), terminated on exit.
+    `settings` become LORASERVE_* environment variables of the subprocess."""
 
-    def __init__(self, base_dir: Path, store: Path, settings: dict[str, object], extra_env: dict[str, str] | None = None):
+    def __init__(self, base_dir: Path, store: Path, settings: dict[str, object], extra_env: dict[str, str] | None = None,
+                 command: str = "serve"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, **(extra_env or {}), **{f"LORASERVE_{k.upper()}": str(v) for k, v in settings.items()}}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--model", str(base_dir), "--adapters-dir", str(store),
+            [sys.executable, "-m", "server.cli", command, "--model", str(base_dir), "--adapters-dir", str(store),
              "--port", str(self.port), "--served-model-name", "base"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -1,6 +1,8 @@
-"""`loraserve cluster` for real: a local Ray instance, Ray Serve, the ingress and 2 engine replicas of the
-tiny test model, one catalogue on a real PostgreSQL server and one shared adapter store, auth on.
-One cluster for the module (starting it takes ~40 s on 2 cores); the test that kills a replica runs last."""
+"""`loraserve cluster` for real: a local Ray instance, Ray Serve, 2 engine replicas of the tiny test model and
+the HTTP front in this process, one catalogue on a real PostgreSQL server and one shared adapter store, auth
+on. Ray Serve's HTTP proxy and Ingress deployment (deploy/serve.yaml's entry point) front the same replicas
+on a port of their own. One cluster for the module (starting it takes ~40 s on 2 cores); the test that kills
+a replica runs last."""
 
 import concurrent.futures
 import json
@@ -17,7 +19,8 @@ from ray import serve
 
 from server.cluster.asgi_bridge import Start
 from server.cluster.deployment import APP_NAME
-from server.cluster.launch import init_ray, start
+from server.cluster.front import Front
+from server.cluster.launch import deploy, init_ray
 from server.cluster.policy import ReplicaView, home_of
 from server.config import Settings
 from server.engine.sequence import SamplingParams
@@ -31,6 +34,7 @@ ADMIN_KEY = "lsk_cluster-admin-key-for-the-tests"
 BASE = "tiny-llama"
 REQUESTS_PER_MINUTE = 8
 METRICS_PORT = free_port()  # Ray's metrics agent: every replica's exported series
+PROXY_URL = f"http://127.0.0.1:{free_port()}"  # Ray Serve's HTTP proxy, in front of the Ingress deployment
 ADAPTERS = {"resident": dict(seed=901, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
             "second": dict(seed=903, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
             "uploaded": dict(seed=902, r=4, lora_alpha=16, target_modules=["o_proj", "down_proj"])}
@@ -42,7 +46,7 @@ def adapter_dirs(llama_adapters):
 
 
 @pytest.fixture(scope="module")
-def cluster(llama_dir, adapter_dirs, postgres, tmp_path_factory):  # noqa: F811
+def front(llama_dir, adapter_dirs, postgres, tmp_path_factory):  # noqa: F811
     store = tmp_path_factory.mktemp("shared-store")
     settings = Settings(
         model=llama_dir, adapters_dir=store, catalogue_url=postgres(), dtype="float32", device="cpu",
@@ -53,12 +57,21 @@ def cluster(llama_dir, adapter_dirs, postgres, tmp_path_factory):  # noqa: F811
     init_ray(num_cpus=2, object_store_memory=80 * 1024**2, include_dashboard=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, _metrics_export_port=METRICS_PORT,
              _system_config={"metrics_report_interval_ms": 500})
+    front = None
     try:
-        start(settings)
-        yield f"http://127.0.0.1:{settings.port}"
+        deploy(settings.model_copy(update={"port": int(PROXY_URL.rpartition(":")[2])}), serve_proxy=True)
+        front = Front(settings).start()
+        yield front
     finally:
+        if front is not None:
+            front.stop()
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(front) -> str:
+    return front.url
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +101,11 @@ def _key(url: str, tenant: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {created.json()['key']}", "X-Key-Id": created.json()["id"]}
 
 
-def test_the_openai_client_gets_what_one_engine_gives(cluster, reference):
-    client = openai.OpenAI(base_url=cluster + "/v1", api_key=ADMIN_KEY)
+@pytest.mark.parametrize("entry", ["front", "serve proxy"])
+def test_the_openai_client_gets_what_one_engine_gives(cluster, reference, entry):
+    """Through `loraserve cluster`'s front, and through Ray Serve's proxy and Ingress (deploy/serve.yaml)."""
+    url = cluster if entry == "front" else PROXY_URL
+    client = openai.OpenAI(base_url=url + "/v1", api_key=ADMIN_KEY)
     assert [m.id for m in client.models.list().data] == [BASE, "resident", "second"]
     base, adapted = reference("Hello, cluster!", None, 12), reference("Hello, cluster!", "resident", 12)
     assert base != adapted  # the adapter changes the output, so equality below means something
@@ -104,7 +120,7 @@ def test_the_openai_client_gets_what_one_engine_gives(cluster, reference):
         client.completions.create(model="no-such-adapter", prompt="x", max_tokens=1)
     assert missing.value.body["code"] == "model_not_found"  # the single server's error shape, unchanged
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=cluster + "/v1", api_key="lsk_wrong").models.list()
+        openai.OpenAI(base_url=url + "/v1", api_key="lsk_wrong").models.list()
 
 
 def test_an_adapter_sticks_to_its_replica_and_base_requests_spread(cluster):
@@ -250,33 +266,39 @@ def _stream(url: str, model: str, max_tokens: int = 16) -> tuple[str, str]:
         return streamed.headers["x-replica"], "".join(e["choices"][0]["text"] for e in events[:-1])
 
 
-def _channels() -> dict[str, str]:
+def _channels(front: Front | None = None) -> dict[str, str]:
+    """The channels the front's ingress has open (by replica), or the Ingress deployment's without `front`."""
+    if front is not None:
+        return front.ingress.open_channels()
     return serve.get_deployment_handle("Ingress", APP_NAME).open_channels.remote().result()
 
 
-def _until_channels_to(replicas: set[str]) -> None:
+def _until_channels_to(replicas: set[str], front: Front | None = None) -> None:
     deadline = time.monotonic() + 10
-    while not replicas <= set(_channels()) and time.monotonic() < deadline:
+    while not replicas <= set(_channels(front)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert replicas <= set(_channels()), (replicas, _channels())
+    assert replicas <= set(_channels(front)), (replicas, _channels(front))
 
 
-def test_streams_come_on_one_channel_per_replica_with_the_text_of_one_engine(cluster, reference):
-    _until_channels_to(set(_replicas(cluster)))  # opened for every replica the ingress's router sees
+@pytest.mark.parametrize("entry", ["front", "serve proxy"])
+def test_streams_come_on_one_channel_per_replica_with_the_text_of_one_engine(front, reference, entry):
+    url, ingress_of = (front.url, front) if entry == "front" else (PROXY_URL, None)
+    _until_channels_to(set(_replicas(url)), ingress_of)  # opened for every replica the ingress's router sees
     models = (BASE, "resident", "second")
     expected = {m: reference("Hello, cluster!", None if m == BASE else m, 16) for m in models}
     with concurrent.futures.ThreadPoolExecutor(6) as pool:  # many answers on one channel at once
-        answers = list(pool.map(lambda m: (m, _stream(cluster, m)[1]), models * 3))
+        answers = list(pool.map(lambda m: (m, _stream(url, m)[1]), models * 3))
     assert all(text == expected[m] for m, text in answers), answers
 
 
-def test_a_replica_killed_mid_stream_ends_it_with_an_error_event_and_the_other_serves(cluster):
-    _until_channels_to(set(_replicas(cluster)))
+def test_a_replica_killed_mid_stream_ends_it_with_an_error_event_and_the_other_serves(front):
+    cluster = front.url
+    _until_channels_to(set(_replicas(cluster)), front)
     body = {"model": BASE, "prompt": "Hello, cluster!", "max_tokens": 200, "temperature": 0, "stream": True,
             "ignore_eos": True}
     with httpx.stream("POST", cluster + "/v1/completions", headers=ADMIN, json=body, timeout=60) as streamed:
         victim = streamed.headers["x-replica"]
-        assert victim in _channels()  # the stream comes on the channel
+        assert victim in _channels(front)  # the stream comes on the channel
         lines = streamed.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["choices"][0]["text"] is not None
@@ -296,6 +318,6 @@ def test_a_replica_killed_mid_stream_ends_it_with_an_error_event_and_the_other_s
     seen: set[str] = set()
     while len(seen) < 2 and time.monotonic() < deadline:  # until the ingress's router knows the new one
         seen.add(_complete(cluster, BASE).headers["x-replica"])
-    assert len(seen) == 2 and victim not in seen, (seen, _channels())
-    _until_channels_to(seen)  # the ingress opens one to the new replica too
-    assert victim not in _channels()
+    assert len(seen) == 2 and victim not in seen, (seen, _channels(front))
+    _until_channels_to(seen, front)  # the front's ingress opens one to the new replica too
+    assert victim not in _channels(front)

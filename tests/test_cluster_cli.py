@@ -57,8 +57,10 @@ def test_the_ray_serve_config_validates_and_builds_the_application(monkeypatch):
     assert settings.catalogue_url.startswith("postgresql+psycopg://") and settings.shared_limits
 
 
-def test_loraserve_cluster_serves_until_ctrl_c(llama_dir, tmp_path):
-    """The command itself, as a user runs it: a local Ray instance, 1 replica, the API on --port."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_loraserve_cluster_serves_until_ctrl_c(llama_dir, tmp_path, stop):
+    """The command itself, as a user runs it: a local Ray instance, 1 replica, the API on --port; Ctrl-C or
+    SIGTERM (`docker stop`) shuts the front, Serve and Ray down and exits 0."""
     port = free_port()
     command = [sys.executable, "-m", "server.cli", "cluster", "--replicas", "1", "--replica-cpus", "0.5",
                "--model", str(llama_dir), "--adapters-dir", str(tmp_path), "--served-model-name", "base",
@@ -80,5 +82,5 @@ def test_loraserve_cluster_serves_until_ctrl_c(llama_dir, tmp_path):
         assert answer.status_code == 200 and answer.headers["x-replica"]
         assert answer.json()["usage"]["completion_tokens"] == 3
     finally:
-        process.send_signal(signal.SIGINT)  # Ctrl-C: Serve and the local Ray instance shut down
+        process.send_signal(stop)
         assert process.wait(timeout=120) == 0

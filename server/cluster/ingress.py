@@ -1,5 +1,6 @@
-"""The cluster's HTTP front: one Ray Serve deployment that forwards every request, unchanged, to an
-engine replica and streams the answer back. It knows one thing about the API: which adapter a request
+"""The cluster's HTTP front: forwards every request, unchanged, to an engine replica and streams the
+answer back. It runs in the `loraserve cluster` process (server/cluster/front.py), or as a Ray Serve
+deployment behind Ray Serve's HTTP proxy (deploy/serve.yaml). It knows one thing about the API: which adapter a request
 names (the JSON body's `model`), handed to the router as the request's `multiplexed_model_id`
 (server/cluster/router.py). Everything else (auth, errors, limits, SSE) is the replicas' own app.
 Streamed answers come on one channel per replica once the first has come (server/cluster/channel.py).
@@ -11,6 +12,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -18,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from server.api.errors import error_body
 from server.cluster.asgi_bridge import REPLICA_HEADER, Envelope, Start
 from server.cluster.channel import ChannelClient
+from server.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +45,12 @@ def _sse_error(message: str) -> bytes:
 
 
 class Ingress:
-    def __init__(self, replicas, base_name: str, max_body_bytes: int):
+    def __init__(self, replicas, settings: Settings):
         self._replicas = replicas  # a DeploymentHandle of EngineReplica
         self._channels = ChannelClient(replicas)
-        self._base_name = base_name
-        self._max_body = max_body_bytes
+        self._base_name = settings.served_model_name or Path(settings.model).resolve().name
+        # Above every route's own limit (an upload's carries its multipart framing); each replica applies those.
+        self._max_body = int(settings.max_upload_size) + int(settings.max_request_body)
 
     async def __call__(self, request: Request) -> Response:
         body = await self._body(request)
@@ -84,7 +88,8 @@ class Ingress:
         response.raw_headers = list(start.headers)
         return response
 
-    async def __del__(self):  # Ray Serve calls it once this replica of the ingress has drained
+    async def close(self) -> None:
+        """Close the channels: a replica's drain waits for every request in flight on it, channels too."""
         await self._channels.close()
 
     def open_channels(self) -> dict[str, str]:
