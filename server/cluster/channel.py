@@ -161,6 +161,7 @@ class ChannelClient:
     async def close(self) -> None:
         """Close every channel and wait (briefly) for the replicas to hear it: Ray does not end a stream
         whose caller is gone, and a channel left open would hold its replica's drain to its time limit."""
+        _clients.discard(self)  # a process may run another ingress after this one (a benchmark does)
         self._open.clear()
         for stream in self._streams.values():
             stream.cancel()
