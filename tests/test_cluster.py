@@ -123,6 +123,13 @@ def test_the_openai_client_gets_what_one_engine_gives(cluster, reference, entry)
         openai.OpenAI(base_url=url + "/v1", api_key="lsk_wrong").models.list()
 
 
+def test_the_front_holds_the_single_servers_connection_limits(cluster):
+    """`loraserve cluster` serves HTTP with `loraserve serve`'s uvicorn server (server/api/http_server.py)."""
+    answer = httpx.get(cluster + "/health", headers={f"X-F{i}": "v" for i in range(150)})  # over 100 fields
+    assert answer.status_code == 431 and answer.json()["error"]["code"] == "request_header_fields_too_large"
+    assert "x-replica" not in answer.headers  # refused by the front itself, before any replica
+
+
 def test_an_adapter_sticks_to_its_replica_and_base_requests_spread(cluster):
     served = [_complete(cluster, "resident") for _ in range(12)]
     assert all(r.status_code == 200 for r in served)
