@@ -3,8 +3,8 @@
 1. The cost of Ray: the same streaming workload (a random Llama, 8 adapters, concurrent greedy requests)
    against `loraserve serve` alone and against `loraserve cluster` with 1 replica, rounds interleaved;
    tokens/s of the cluster over the single server (goal >= 0.9), and the CPU seconds each process took
-   in the best round of each; once with the engines on both cores (the Ray processes share them with the
-   engine), once on one (Ray's hops get the other, as beside a GPU).
+   in the best round of each; once with the engines on both cores (the cluster's front and Ray's processes
+   share them with the engine), once on one (they get the other, as beside a GPU).
 2. Affinity on a real cluster: 2 replicas of 4, 8 and 20 slots, 40 adapters under Zipf traffic, 8 requests
    at once; adapter loads into device slots (cold starts, the engines' own counters) per 1,000 requests
    with the affinity router and with random routing (goal: affinity <= 1/3 of random), and the spread of
@@ -55,8 +55,8 @@ ZIPF_S = 1.1
 ZIPF_CONCURRENCY = 8
 ZIPF_MAX_TOKENS = 4
 UTILISATIONS = (0.5, 0.7, 0.9)
-# The engine on both cores (Ray's proxy and ingress compete with it), then on one (they get the other, as
-# on a GPU machine, where the model's work is on the accelerator and the hops on the host's cores).
+# The engine on both cores (the cluster's front and Ray's processes compete with it), then on one (they get the
+# other, as on a GPU machine, where the model's work is on the accelerator and the hops on the host's cores).
 THROUGHPUT_THREADS = (2, 1)
 # Ray's hops cost per streamed event, so the smaller the model the larger their share: the benchmark's own
 # small model, and the HTTP benchmark's 63M one (~3x the work per token).

@@ -5,7 +5,7 @@ The application must be deployed first (server/cluster/launch.py `deploy`).
 
 Ray Serve's own HTTP proxy would put one more Ray hop in front of an Ingress replica, paid per streamed event
 (deploy/serve.yaml's way, for Ray clusters whose entry point is Serve's proxy): measured on 2 cores with 1
-replica, the proxy and an Ingress replica took ~0.55 CPU-s per 1,024 streamed events, this front ~0.12
+replica, the proxy and an Ingress replica took ~0.54 CPU-s per 1,024 streamed events, this front 0.13-0.18
 (docs/scale-out.md)."""
 
 import threading

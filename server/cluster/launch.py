@@ -14,10 +14,11 @@ log = logging.getLogger(__name__)
 _OBJECT_STORE_MIN = 256 * 1024**2  # an upload travels to its replica through Ray's object store
 
 # Ray Serve's data plane tuned for throughput (three of the settings its RAY_SERVE_THROUGHPUT_OPTIMIZED mode
-# turns on; not its direct ingress, which needs HAProxy): requests and streamed pieces go between proxy, ingress and
-# replicas over gRPC instead of Ray actor tasks, and user code and routers run on each replica's main event
-# loop. Measured on 2 cores, 1 replica: the proxy and ingress took 3.2-3.8 CPU-s per 1,024 streamed events
-# with Ray's defaults and ~1.2 with these (docs/scale-out.md). Ray reads them when each process imports
+# turns on; not its direct ingress, which needs HAProxy): requests and streamed pieces go between the ingress and
+# replicas (and Serve's proxy, under deploy/serve.yaml) over gRPC instead of Ray actor tasks, and user code and
+# routers run on each process's main event loop. Measured on 2 cores, 1 replica, behind Serve's proxy: the proxy
+# and ingress took 3.2-3.8 CPU-s per 1,024 streamed events with Ray's defaults and ~1.2 with these
+# (docs/scale-out.md). Ray reads them when each process imports
 # ray.serve, so they must be in the environment of every Ray process: `init_ray` puts them there for a
 # local instance; a Ray cluster sets them on its nodes (deploy/serve.yaml, docker-compose.yml).
 SERVE_ENV = {
