@@ -122,7 +122,9 @@ def test_an_oversized_head_gets_431_at_once_while_health_answers(server, head):
     status, error = _error(answer)
     assert status == 431 and error["code"] == "request_header_fields_too_large", answer[:300]
     assert error["type"] == "invalid_request_error"
-    assert seconds < 0.5 and health < 1
+    # Refused when the limit is crossed, before the head timeout would have ended it (with a 408); /health from
+    # another address answers meanwhile. Bounds loose enough for a loaded machine (0.83 s seen for the first).
+    assert seconds < HEAD_TIMEOUT_S and health < 1
 
 
 def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(server):
