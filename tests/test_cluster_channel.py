@@ -86,3 +86,25 @@ def test_a_request_naming_a_channel_the_replica_no_longer_has_answers_on_its_own
     for start, *rest in asyncio.run(scenario()):
         assert not start.via_channel
         assert b"".join(rest).count(b"data: ") == EVENTS
+
+
+def test_a_channel_its_ingress_stops_renewing_ends_and_a_renewed_one_stays():
+    """Ray does not end a stream whose caller died: the lease does (server/cluster/channel.py)."""
+    async def scenario():
+        hub = ChannelHub(flush_s=0.0, lease_s=0.3)
+        kept, dropped = hub.serve("kept", "r1"), hub.serve("dropped", "r1")
+        assert [await kept.__anext__(), await dropped.__anext__()] == ["r1", "r1"]
+        ended = asyncio.ensure_future(_collect(dropped, []))
+        waiting = asyncio.ensure_future(kept.__anext__())
+        for _ in range(8):  # 0.8 s: well past one lease
+            await asyncio.sleep(0.1)
+            assert hub.renew("kept")
+        assert ended.done() and not waiting.done()  # the unrenewed one ended by itself
+        assert not hub.renew("dropped") and hub.sender("dropped", "k") is None
+        answer = asyncio.ensure_future(_answer(hub, "kept", "a", "/events/a"))  # the renewed one still carries
+        first = await waiting
+        await answer
+        return first
+
+    first = asyncio.run(scenario())
+    assert first[0] == ("a", b"data: a-0\n\n")

@@ -21,10 +21,14 @@ batches: one item per gather (`--stream-interval`) instead of one per event per 
   that named it is left, so the replica's drain can end.
 - A channel that fails (the replica died) fails every answer on it: the ingress ends them with an error
   event, as when a request's own stream fails.
+- Ray does not end a stream whose caller died (a `loraserve cluster` killed outright while the Ray cluster it
+  joined runs on): the ingress renews each channel's lease every `RENEW_S`, and a replica ends a channel not
+  renewed for `LEASE_S`.
 """
 
 import asyncio
 import logging
+import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator
@@ -35,6 +39,8 @@ log = logging.getLogger(__name__)
 PIN = "@replica:"  # a multiplexed model id starting so routes to that replica only (server/cluster/router.py)
 OPEN_TIMEOUT_S = 10.0  # the pinned replica may be gone: the router would wait for it forever
 Batch = list[tuple[str, bytes | None]]  # (request key, body piece); None ends that request's body
+LEASE_S = 60.0  # a replica ends a channel whose ingress has not renewed it for this long
+RENEW_S = 10.0  # several renewals per lease: one may wait behind a full replica's queue
 
 
 class ChannelLost(ConnectionError):
@@ -47,8 +53,10 @@ class ChannelLost(ConnectionError):
 
 @dataclass
 class _Open:
-    queue: asyncio.Queue[tuple[str, bytes | None]] = field(default_factory=asyncio.Queue)
+    # None: the lease ran out
+    queue: asyncio.Queue[tuple[str, bytes | None] | None] = field(default_factory=asyncio.Queue)
     closed: bool = False
+    renewed: float = field(default_factory=time.monotonic)
 
 
 class ChannelSender:
@@ -74,9 +82,17 @@ class ChannelSender:
 class ChannelHub:
     """The replica's end: the channels ingresses opened to it."""
 
-    def __init__(self, flush_s: float):
+    def __init__(self, flush_s: float, lease_s: float = LEASE_S):
         self._flush_s = flush_s
+        self._lease_s = lease_s
         self._open: dict[str, _Open] = {}
+
+    def renew(self, channel_id: str) -> bool:
+        """The ingress of `channel_id` is alive: its lease starts again. False if no such channel is open."""
+        channel = self._open.get(channel_id)
+        if channel is not None:
+            channel.renewed = time.monotonic()
+        return channel is not None
 
     def sender(self, channel_id: str | None, key: str | None) -> ChannelSender | None:
         channel = self._open.get(channel_id) if channel_id and key else None
@@ -86,19 +102,31 @@ class ChannelHub:
         """The channel's stream: `replica_id` at once, then what the answers on it send, gathered for
         `flush_s`, until the ingress closes it."""
         channel = self._open[channel_id] = _Open()
+        watch = asyncio.ensure_future(self._expire(channel))
         try:
             yield replica_id
-            while True:
-                first = await channel.queue.get()
+            expired = False
+            while not expired and (first := await channel.queue.get()) is not None:
                 if self._flush_s:
                     await asyncio.sleep(self._flush_s)
                 batch = [first]
                 while not channel.queue.empty():
-                    batch.append(channel.queue.get_nowait())
+                    if (item := channel.queue.get_nowait()) is None:
+                        expired = True
+                        break
+                    batch.append(item)
                 yield batch
+            log.warning("channel %s ended: its ingress has not renewed it for %.0f s", channel_id, self._lease_s)
         finally:
+            watch.cancel()
             channel.closed = True
             self._open.pop(channel_id, None)
+
+    async def _expire(self, channel: _Open) -> None:
+        """Put the end (None) in `channel` once its lease runs out."""
+        while (left := channel.renewed + self._lease_s - time.monotonic()) > 0:
+            await asyncio.sleep(left)
+        channel.queue.put_nowait(None)
 
 
 _clients: "weakref.WeakSet[ChannelClient]" = weakref.WeakSet()
@@ -216,10 +244,14 @@ class ChannelClient:
             if self._running is not None and replica_id not in self._running:  # it would hold the drain
                 return
             self._open[replica_id] = channel_id
-            async for batch in stream:
-                for key, piece in batch:
-                    if (mailbox := self._mailboxes.get(key)) is not None:
-                        mailbox.put_nowait(piece)
+            renewals = asyncio.ensure_future(self._renew(replica_id, channel_id))
+            try:
+                async for batch in stream:
+                    for key, piece in batch:
+                        if (mailbox := self._mailboxes.get(key)) is not None:
+                            mailbox.put_nowait(piece)
+            finally:
+                renewals.cancel()
         except Exception as exc:  # noqa: BLE001 - closed, the replica died, or never answered
             log.info("channel to replica %s ended: %r", replica_id, exc)
         finally:
@@ -231,6 +263,17 @@ class ChannelClient:
             for key in self._holding.pop(channel_id, ()):
                 if (mailbox := self._mailboxes.get(key)) is not None:
                     mailbox.put_nowait(ChannelLost("the channel to the replica ended", channel_id))
+
+
+    async def _renew(self, replica_id: str, channel_id: str) -> None:
+        """Renew the channel's lease on its replica every RENEW_S while it is open."""
+        pinned = self._replicas.options(multiplexed_model_id=PIN + replica_id)
+        while True:
+            await asyncio.sleep(RENEW_S)
+            try:
+                await asyncio.wait_for(pinned.renew_channel.remote(channel_id), RENEW_S)
+            except Exception as exc:  # noqa: BLE001 - the next renewal may pass; the lease outlasts several
+                log.info("renewing the channel to replica %s failed: %r", replica_id, exc)
 
 
 async def _until_end(stream) -> None:
