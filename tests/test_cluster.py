@@ -18,7 +18,6 @@ import ray
 from ray import serve
 
 from server.cluster.asgi_bridge import Start
-from server.cluster.channel import PIN
 from server.cluster.deployment import APP_NAME
 from server.cluster.front import Front
 from server.cluster.launch import deploy, init_ray
@@ -297,16 +296,6 @@ def test_streams_come_on_one_channel_per_replica_with_the_text_of_one_engine(fro
     with concurrent.futures.ThreadPoolExecutor(6) as pool:  # many answers on one channel at once
         answers = list(pool.map(lambda m: (m, _stream(url, m)[1]), models * 3))
     assert all(text == expected[m] for m, text in answers), answers
-
-
-def test_each_replica_renews_the_fronts_channel_leases(front):
-    """What the front's renewals call (every RENEW_S), on the replica each channel is pinned to."""
-    _until_channels_to(set(_replicas(front.url)), front)
-    handle = serve.get_deployment_handle("EngineReplica", APP_NAME)
-    for replica, channel_id in _channels(front).items():
-        pinned = handle.options(multiplexed_model_id=PIN + replica)
-        assert pinned.renew_channel.remote(channel_id).result(timeout_s=30) is True
-        assert pinned.renew_channel.remote("no-such-channel").result(timeout_s=30) is False
 
 
 def test_a_replica_killed_mid_stream_ends_it_with_an_error_event_and_the_other_serves(front):

@@ -88,23 +88,42 @@ def test_a_request_naming_a_channel_the_replica_no_longer_has_answers_on_its_own
         assert b"".join(rest).count(b"data: ") == EVENTS
 
 
-def test_a_channel_its_ingress_stops_renewing_ends_and_a_renewed_one_stays():
+def test_a_channel_unused_for_its_lease_ends_and_one_in_use_stays():
     """Ray does not end a stream whose caller died: the lease does (server/cluster/channel.py)."""
     async def scenario():
         hub = ChannelHub(flush_s=0.0, lease_s=0.3)
-        kept, dropped = hub.serve("kept", "r1"), hub.serve("dropped", "r1")
-        assert [await kept.__anext__(), await dropped.__anext__()] == ["r1", "r1"]
-        ended = asyncio.ensure_future(_collect(dropped, []))
-        waiting = asyncio.ensure_future(kept.__anext__())
+        channels = {name: hub.serve(name, "r1") for name in ("named", "busy", "idle")}
+        for channel in channels.values():
+            assert await channel.__anext__() == "r1"
+        answer = hub.sender("busy", "long")
+        assert answer.start()  # an answer on "busy" that outlasts the lease
+        pending = {name: asyncio.ensure_future(channel.__anext__()) for name, channel in channels.items()}
         for _ in range(8):  # 0.8 s: well past one lease
             await asyncio.sleep(0.1)
-            assert hub.renew("kept")
-        assert ended.done() and not waiting.done()  # the unrenewed one ended by itself
-        assert not hub.renew("dropped") and hub.sender("dropped", "k") is None
-        answer = asyncio.ensure_future(_answer(hub, "kept", "a", "/events/a"))  # the renewed one still carries
-        first = await waiting
-        await answer
-        return first
+            assert hub.sender("named", "k") is not None  # requests keep naming it
+        still_open = {name for name, next_item in pending.items() if not next_item.done()}
+        idle_ended = _stopped(pending["idle"])
+        answer.send(b"data: long\n\n")
+        answer.end()
+        last = await pending["busy"]
+        await asyncio.sleep(0.6)  # nothing names or uses either now
+        ended_later = [_stopped(pending["named"]), await asyncio.wait_for(_ended(channels["busy"]), 5)]
+        return still_open, idle_ended, last, ended_later, hub.sender("idle", "k")
 
-    first = asyncio.run(scenario())
-    assert first[0] == ("a", b"data: a-0\n\n")
+    still_open, idle_ended, last, ended_later, idle_sender = asyncio.run(scenario())
+    assert still_open == {"named", "busy"} and idle_ended and idle_sender is None
+    assert last == [("long", b"data: long\n\n"), ("long", None)]
+    assert ended_later == [True, True]
+
+
+def _stopped(next_item: asyncio.Future) -> bool:
+    """The channel's stream ended where it was waiting for its next item."""
+    return next_item.done() and isinstance(next_item.exception(), StopAsyncIteration)
+
+
+async def _ended(channel) -> bool:
+    try:
+        await channel.__anext__()
+    except StopAsyncIteration:
+        return True
+    return False

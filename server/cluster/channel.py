@@ -22,8 +22,9 @@ batches: one item per gather (`--stream-interval`) instead of one per event per 
 - A channel that fails (the replica died) fails every answer on it: the ingress ends them with an error
   event, as when a request's own stream fails.
 - Ray does not end a stream whose caller died (a `loraserve cluster` killed outright while the Ray cluster it
-  joined runs on): the ingress renews each channel's lease every `RENEW_S`, and a replica ends a channel not
-  renewed for `LEASE_S`.
+  joined runs on), so a replica ends a channel that no request has named and no answer has used for `LEASE_S`
+  (a lease that traffic renews: renewing by Ray calls of their own skewed the routers' queue-length caches).
+  The ingress opens it again with the next answer from that replica.
 """
 
 import asyncio
@@ -39,8 +40,7 @@ log = logging.getLogger(__name__)
 PIN = "@replica:"  # a multiplexed model id starting so routes to that replica only (server/cluster/router.py)
 OPEN_TIMEOUT_S = 10.0  # the pinned replica may be gone: the router would wait for it forever
 Batch = list[tuple[str, bytes | None]]  # (request key, body piece); None ends that request's body
-LEASE_S = 60.0  # a replica ends a channel whose ingress has not renewed it for this long
-RENEW_S = 10.0  # several renewals per lease: one may wait behind a full replica's queue
+LEASE_S = 60.0  # a replica ends a channel that no request has named and no answer has used for this long
 
 
 class ChannelLost(ConnectionError):
@@ -56,7 +56,8 @@ class _Open:
     # None: the lease ran out
     queue: asyncio.Queue[tuple[str, bytes | None] | None] = field(default_factory=asyncio.Queue)
     closed: bool = False
-    renewed: float = field(default_factory=time.monotonic)
+    renewed: float = field(default_factory=time.monotonic)  # named by a request, or an answer on it ended
+    answers: int = 0  # on it now
 
 
 class ChannelSender:
@@ -68,6 +69,8 @@ class ChannelSender:
     def start(self) -> bool:
         """Claim the channel for this answer; False if it closed meanwhile (send on the request's stream)."""
         self._started = not self._channel.closed
+        if self._started:
+            self._channel.answers += 1
         return self._started
 
     def send(self, piece: bytes) -> None:
@@ -76,6 +79,8 @@ class ChannelSender:
     def end(self) -> None:
         if self._started:
             self._started = False
+            self._channel.answers -= 1
+            self._channel.renewed = time.monotonic()
             self._channel.queue.put_nowait((self._key, None))
 
 
@@ -87,16 +92,13 @@ class ChannelHub:
         self._lease_s = lease_s
         self._open: dict[str, _Open] = {}
 
-    def renew(self, channel_id: str) -> bool:
-        """The ingress of `channel_id` is alive: its lease starts again. False if no such channel is open."""
-        channel = self._open.get(channel_id)
-        if channel is not None:
-            channel.renewed = time.monotonic()
-        return channel is not None
-
     def sender(self, channel_id: str | None, key: str | None) -> ChannelSender | None:
+        """The way into the channel a request names, if it is open here (its lease starts again)."""
         channel = self._open.get(channel_id) if channel_id and key else None
-        return ChannelSender(channel, key) if channel is not None else None
+        if channel is None:
+            return None
+        channel.renewed = time.monotonic()
+        return ChannelSender(channel, key)
 
     async def serve(self, channel_id: str, replica_id: str) -> AsyncIterator[str | Batch]:
         """The channel's stream: `replica_id` at once, then what the answers on it send, gathered for
@@ -116,16 +118,16 @@ class ChannelHub:
                         break
                     batch.append(item)
                 yield batch
-            log.warning("channel %s ended: its ingress has not renewed it for %.0f s", channel_id, self._lease_s)
+            log.info("channel %s ended: unused for %.0f s", channel_id, self._lease_s)
         finally:
             watch.cancel()
             channel.closed = True
             self._open.pop(channel_id, None)
 
     async def _expire(self, channel: _Open) -> None:
-        """Put the end (None) in `channel` once its lease runs out."""
-        while (left := channel.renewed + self._lease_s - time.monotonic()) > 0:
-            await asyncio.sleep(left)
+        """Put the end (None) in `channel` once its lease runs out with no answer on it."""
+        while (left := channel.renewed + self._lease_s - time.monotonic()) > 0 or channel.answers:
+            await asyncio.sleep(left if left > 0 else self._lease_s / 4)
         channel.queue.put_nowait(None)
 
 
@@ -244,14 +246,10 @@ class ChannelClient:
             if self._running is not None and replica_id not in self._running:  # it would hold the drain
                 return
             self._open[replica_id] = channel_id
-            renewals = asyncio.ensure_future(self._renew(replica_id, channel_id))
-            try:
-                async for batch in stream:
-                    for key, piece in batch:
-                        if (mailbox := self._mailboxes.get(key)) is not None:
-                            mailbox.put_nowait(piece)
-            finally:
-                renewals.cancel()
+            async for batch in stream:
+                for key, piece in batch:
+                    if (mailbox := self._mailboxes.get(key)) is not None:
+                        mailbox.put_nowait(piece)
         except Exception as exc:  # noqa: BLE001 - closed, the replica died, or never answered
             log.info("channel to replica %s ended: %r", replica_id, exc)
         finally:
@@ -263,17 +261,6 @@ class ChannelClient:
             for key in self._holding.pop(channel_id, ()):
                 if (mailbox := self._mailboxes.get(key)) is not None:
                     mailbox.put_nowait(ChannelLost("the channel to the replica ended", channel_id))
-
-
-    async def _renew(self, replica_id: str, channel_id: str) -> None:
-        """Renew the channel's lease on its replica every RENEW_S while it is open."""
-        pinned = self._replicas.options(multiplexed_model_id=PIN + replica_id)
-        while True:
-            await asyncio.sleep(RENEW_S)
-            try:
-                await asyncio.wait_for(pinned.renew_channel.remote(channel_id), RENEW_S)
-            except Exception as exc:  # noqa: BLE001 - the next renewal may pass; the lease outlasts several
-                log.info("renewing the channel to replica %s failed: %r", replica_id, exc)
 
 
 async def _until_end(stream) -> None:

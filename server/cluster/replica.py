@@ -46,10 +46,6 @@ class EngineReplica:
         async for batch in self._channels.serve(channel_id, self.replica_id):
             yield batch
 
-    def renew_channel(self, channel_id: str) -> bool:
-        """An ingress's channel to this replica stays open (server/cluster/channel.py); False if it is not."""
-        return self._channels.renew(channel_id)
-
     async def record_routing_stats(self) -> dict:
         """What the router reads (server/cluster/router.py): the adapters in the engine's device slots, by
         `name@version` and by name, and the alias table (alias -> `name@version`), so that an alias routes
