@@ -125,9 +125,11 @@ class ChannelHub:
             self._open.pop(channel_id, None)
 
     async def _expire(self, channel: _Open) -> None:
-        """Put the end (None) in `channel` once its lease runs out with no answer on it."""
+        """Close `channel` once its lease runs out with no answer on it: closed at once, so that no answer
+        starts on it after its end (None) is queued."""
         while (left := channel.renewed + self._lease_s - time.monotonic()) > 0 or channel.answers:
             await asyncio.sleep(left if left > 0 else self._lease_s / 4)
+        channel.closed = True
         channel.queue.put_nowait(None)
 
 
