@@ -99,6 +99,11 @@ class Settings(BaseSettings):
         False, description="Tenant limits counted in the catalogue database, across every process sharing it "
                            "(`loraserve cluster` turns it on).")
 
+    @property
+    def base_name(self) -> str:
+        """The base model's name in the API: `served_model_name`, else its directory's name."""
+        return self.served_model_name or Path(self.model).resolve().name
+
 
 # Settings only `loraserve cluster` reads: other commands do not offer them.
 CLUSTER_ONLY = frozenset({"replicas", "replica_cpus", "stream_interval"})

@@ -44,7 +44,7 @@ def build_state(settings: Settings, threads: int | None = None) -> AppState:
     """Load the model, open the registry, register adapters from disk and flags (slow: run off the loop).
     `threads`: torch threads of the engine thread (None: torch's setting)."""
     engine = LLMEngine.from_settings(settings)
-    base_name = settings.served_model_name or Path(settings.model).resolve().name
+    base_name = settings.base_name
     # One database for every store; one namespace for adapter names, aliases and experiments.
     database = open_database(settings.adapters_dir, settings.catalogue_url)
     names = Namespace(database, reserved={base_name})

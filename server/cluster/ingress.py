@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -48,7 +47,7 @@ class Ingress:
     def __init__(self, replicas, settings: Settings):
         self._replicas = replicas  # a DeploymentHandle of EngineReplica
         self._channels = ChannelClient(replicas)
-        self._base_name = settings.served_model_name or Path(settings.model).resolve().name
+        self._base_name = settings.base_name
         # Above every route's own limit (an upload's carries its multipart framing); each replica applies those.
         self._max_body = int(settings.max_upload_size) + int(settings.max_request_body)
 

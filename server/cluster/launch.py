@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import signal
+
 from server.cluster.front import Front
 from server.config import Settings
 
